@@ -1,0 +1,173 @@
+// Math shared by the CPU (C++/OpenMP) and CUDA kernels of scm_kernels.
+//
+// Everything here is a pure function on scalars, marked SCM_HD so that it compiles for host and
+// device alike: the CPU and CUDA kernels call the same code, and the Triton kernels and the
+// plain-PyTorch references implement the same formulas (labels refer to shared/docs/algorithm.md).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SCM_HD __host__ __device__ __forceinline__
+#else
+#define SCM_HD inline
+#endif
+
+namespace scm {
+
+// ---------------------------------------------------------------------------------------------
+// Trigonometric mixing (A5, A7, A23).
+//   x0  = cos t * x_t - sin t * sigma_d * F          (denoise, A5)
+//   x_s = cos s * x0  + sin s * sigma_d * eps        (renoise to time s, A22/A23)
+// ---------------------------------------------------------------------------------------------
+struct TrigCoef {
+  float cx;   // coefficient of x_t in the output
+  float cf;   // coefficient of F in the output
+  float ce;   // coefficient of the noise eps in the output (0 without renoise)
+};
+
+// Coefficients of out = cx * x_t + cf * F + ce * eps for one sample with time t (and next time s
+// when renoise is true). Folding both moves into three numbers lets every backend do one FMA chain
+// per element.
+SCM_HD TrigCoef trig_coef(float t, float s, bool renoise, float sigma_d) {
+  const float ct = cosf(t), st = sinf(t);
+  TrigCoef c;
+  if (renoise) {
+    const float cs = cosf(s), ss = sinf(s);
+    c.cx = cs * ct;
+    c.cf = -cs * st * sigma_d;
+    c.ce = ss * sigma_d;
+  } else {
+    c.cx = ct;
+    c.cf = -st * sigma_d;
+    c.ce = 0.f;
+  }
+  return c;
+}
+
+// uint8 pixels from a value in [-1, 1]: round(clamp((x + 1) * 127.5, 0, 255)), rounding half to
+// even like torch.round.
+SCM_HD uint8_t to_pixel(float x) {
+  float p = (x + 1.f) * 127.5f;
+  p = p < 0.f ? 0.f : (p > 255.f ? 255.f : p);
+  return static_cast<uint8_t>(rintf(p));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counter-based normal noise (A23): Philox4x32-10 (Salmon et al., SC'11) + Box-Muller.
+// Element i of a stream keyed by `seed` belongs to group g = i / 4 and lane i % 4:
+//   (r0, r1, r2, r3) = Philox4x32-10(counter = (lo32(g), hi32(g), 0, 0), key = (lo32(seed), hi32(seed)))
+//   u_j = ((r_j >> 8) + 0.5) * 2^-24            (exact in fp32, strictly inside (0, 1))
+//   lanes 0, 1: sqrt(-2 ln u0) * (cos, sin)(2 pi u1); lanes 2, 3: the same with (u2, u3).
+// The Triton kernels and the PyTorch reference implement exactly this definition.
+// ---------------------------------------------------------------------------------------------
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+SCM_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+SCM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                           uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi2, lo2;
+    mulhilo32(kPhiloxRoundA, c0, hi0, lo0);
+    mulhilo32(kPhiloxRoundB, c2, hi2, lo2);
+    const uint32_t n0 = hi2 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo2;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  U32x4 r;
+  r.v[0] = c0;
+  r.v[1] = c1;
+  r.v[2] = c2;
+  r.v[3] = c3;
+  return r;
+}
+
+SCM_HD float uint_to_unit(uint32_t r) {
+  return (static_cast<float>(r >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+// The four normals of group `g` of the stream keyed by `seed`.
+SCM_HD void philox_normal4(uint64_t seed, uint64_t g, float out[4]) {
+  const U32x4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), 0u, 0u,
+                                static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const float two_pi = 6.283185307179586f;
+  const float ra = sqrtf(-2.f * logf(uint_to_unit(r.v[0])));
+  const float rb = sqrtf(-2.f * logf(uint_to_unit(r.v[2])));
+  const float ta = two_pi * uint_to_unit(r.v[1]);
+  const float tb = two_pi * uint_to_unit(r.v[3]);
+  out[0] = ra * cosf(ta);
+  out[1] = ra * sinf(ta);
+  out[2] = rb * cosf(tb);
+  out[3] = rb * sinf(tb);
+}
+
+// Normal number i of the stream keyed by `seed` (one lane of philox_normal4).
+SCM_HD float philox_normal(uint64_t seed, uint64_t i) {
+  float n[4];
+  philox_normal4(seed, i >> 2, n);
+  return n[i & 3];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time embedding (A10). Frequencies of the positional embedding:
+//   omega_k = exp(-ln(max_period) * k / half), k = 0 .. half-1.
+// Fourier features use omega_k = 2 pi f_k with given f_k.
+// Row layout of the (B, dim) output: [cos(s c omega) | sin(s c omega) | 0 (odd dim)].
+// ---------------------------------------------------------------------------------------------
+SCM_HD float positional_omega(int64_t k, int64_t half, float log_max_period) {
+  return expf(-log_max_period * static_cast<float>(k) / static_cast<float>(half));
+}
+
+constexpr float kTwoPi = 6.283185307179586f;
+
+// ---------------------------------------------------------------------------------------------
+// Welford / Chan merge of (count, mean, M2) statistics, for the normalization kernels (sec. 6):
+// exact variance without E[x^2] - E[x]^2.
+// ---------------------------------------------------------------------------------------------
+struct Welford {
+  float n = 0.f;
+  float mean = 0.f;
+  float m2 = 0.f;
+};
+
+SCM_HD void welford_add(Welford& w, float x) {
+  w.n += 1.f;
+  const float d = x - w.mean;
+  w.mean += d / w.n;
+  w.m2 += d * (x - w.mean);
+}
+
+SCM_HD Welford welford_merge(const Welford& a, const Welford& b) {
+  if (a.n == 0.f) return b;
+  if (b.n == 0.f) return a;
+  Welford r;
+  r.n = a.n + b.n;
+  const float d = b.mean - a.mean;
+  const float fb = b.n / r.n;
+  r.mean = a.mean + d * fb;
+  r.m2 = a.m2 + b.m2 + d * d * a.n * fb;
+  return r;
+}
+
+}  // namespace scm

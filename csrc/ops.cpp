@@ -1,0 +1,53 @@
+// Operator schemas of the `scm` library (torch.ops.scm.*). The CPU implementations live in
+// csrc/cpu/<op>.cpp, the CUDA ones in csrc/cuda/<op>.cu, the fake (meta) ones in Python
+// (scm_kernels/<op>/function.py), so that torch.compile can trace every op.
+//
+// Conventions shared by all schemas:
+//   * per-sample tensors are passed as 2-D (B, D) views whose inner stride is 1; the row stride
+//     is free (0 for a tensor broadcast over the batch). scm_kernels._layout builds these views
+//     without copies for contiguous, batch-sliced and channels_last inputs.
+//   * per-sample scalars (times, logvar) are 1-D float32 tensors of length B (stride free).
+//   * outputs and statistics are float32 unless stated otherwise.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A module with no methods: importing scm_kernels._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(scm, m) {
+  // time_embedding (A10): t (B,) f32 -> (B, dim) f32. freqs (half,) f32: Fourier frequencies f_k
+  // (omega_k = 2 pi f_k); None: positional frequencies from max_period.
+  m.def("time_embedding(Tensor t, int dim, float max_period, float time_scale, Tensor? freqs) -> Tensor");
+  // Tangent of the embedding for tangents t_dot (B,) and freqs_dot (half,), either may be None.
+  m.def("time_embedding_jvp(Tensor t, Tensor? t_dot, int dim, float max_period, float time_scale, "
+        "Tensor? freqs, Tensor? freqs_dot) -> Tensor");
+  // Gradients (dt (B,), dfreqs (half,)) for the upstream gradient grad (B, dim);
+  // dfreqs is an empty tensor unless need_dfreqs.
+  m.def("time_embedding_backward(Tensor grad, Tensor t, int dim, float max_period, float time_scale, "
+        "Tensor? freqs, bool need_dfreqs) -> (Tensor, Tensor)");
+
+  // trigflow_step (A23): out = cx*x_t + cf*F + ce*eps per sample (see scm::trig_coef).
+  // noise_mode: 0 denoise only (t_next unused), 1 renoise with `noise`, 2 renoise with Philox
+  // normals keyed by `seed`, 3 renoise with zero noise. Output: x_t's dtype, or uint8 pixels.
+  m.def("trigflow_step(Tensor x_t, Tensor F, Tensor t, Tensor? t_next, Tensor? noise, float sigma_d, "
+        "int seed, int noise_mode, bool out_uint8) -> Tensor");
+  // Gradients of trigflow_step w.r.t. x_t and F (each None unless asked), for upstream grad (B, D).
+  m.def("trigflow_step_backward(Tensor grad, Tensor t, Tensor? t_next, float sigma_d, bool renoise, "
+        "bool need_x, bool need_F, ScalarType x_dtype, ScalarType F_dtype) -> (Tensor?, Tensor?)");
+
+  // scm_loss (A14-A17), one program per sample, two passes:
+  //   returns (loss (B,), gnorm (B,) = ||g||_2, sqerr (B,) = ||F - F_minus - g/(||g||+c)||^2).
+  m.def("scm_loss(Tensor F, Tensor J, Tensor x_t, Tensor dxt_dt, Tensor t, Tensor? logvar, "
+        "Tensor? F_minus, float sigma_d, float r, float c) -> (Tensor, Tensor, Tensor)");
+  // dL/dF (B, D) in F's dtype, for upstream grad_loss (B,) and the saved gnorm.
+  m.def("scm_loss_backward(Tensor grad_loss, Tensor F, Tensor J, Tensor x_t, Tensor dxt_dt, Tensor t, "
+        "Tensor? logvar, Tensor? F_minus, Tensor gnorm, float sigma_d, float r, float c) -> Tensor");
+  // Per-sample sum((F - F_minus - g/(||g||+c)) * F_dot) (B,) f32, for the tangent F_dot.
+  m.def("scm_loss_jvp(Tensor F_dot, Tensor F, Tensor J, Tensor x_t, Tensor dxt_dt, Tensor t, "
+        "Tensor? F_minus, Tensor gnorm, float sigma_d, float r, float c) -> Tensor");
+}
