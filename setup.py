@@ -41,7 +41,8 @@ def _ext_modules():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: it would turn sinf/expf/division into approximations in every kernel.
+        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         ext = ce.CUDAExtension("scm_kernels._C", sources, include_dirs=include_dirs,
                                extra_compile_args=extra, extra_link_args=link,
                                define_macros=[("SCM_WITH_CUDA", "1")])

@@ -6,6 +6,7 @@ wrong shape, device, value or option. Messages name the argument, what it got an
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -77,9 +78,10 @@ def choice(x, name: str, op: str, options: tuple) -> str:
 
 
 def _must_check_values(x: torch.Tensor) -> bool:
-    """Value checks need a host sync on CUDA: skip them while a CUDA graph is being captured, and
-    when the user turned them off with SCM_KERNELS_CHECK_VALUES=0."""
-    if os.environ.get("SCM_KERNELS_CHECK_VALUES", "1") == "0":
+    """Value checks need a host sync on CUDA: skip them while a CUDA graph is being captured, while
+    torch.compile traces (a data-dependent branch would break the graph), and when the user turned
+    them off with SCM_KERNELS_CHECK_VALUES=0."""
+    if os.environ.get("SCM_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -89,6 +91,10 @@ def _must_check_values(x: torch.Tensor) -> bool:
 def finite(x: torch.Tensor, name: str, op: str) -> None:
     """Values of x (e.g. times) must be finite."""
     if _must_check_values(x):
+        # Fast path: one reduction and one host read; a NaN or an infinity makes the sum non-finite
+        # (an overflowing sum of finite values only sends us to the exact check below).
+        if math.isfinite(float(x.detach().sum())):
+            return
         bad = ~torch.isfinite(x.detach())
         if bool(bad.any()):
             first = x.detach().reshape(-1)[bad.reshape(-1)][0].item()

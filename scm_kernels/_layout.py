@@ -39,7 +39,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, D) view of a tensor whose samples are dense blocks (see inner_signature)."""
     B, D = x.shape[0], sample_numel(x)
     row_stride = x.stride(0) if B > 1 else D
-    return x.as_strided((B, D), (row_stride, 1), x.storage_offset())
+    return x.as_strided((B, D), (row_stride, 1))  # keeps x's storage offset
 
 
 def dense_base(x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,25 @@ SCM_HD uint8_t to_pixel(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// sCM tangent (A14), per sample with time t, as one linear combination of the four inputs:
+//   g = -cos^2 t * (sigma_d * F^- - dx_t/dt) - r * (cos t sin t * x_t + sigma_d * J)
+//     = fm * F^- + dx * dx_t/dt + x * x_t + j * J
+// ---------------------------------------------------------------------------------------------
+struct LossCoef {
+  float fm, dx, x, j;
+};
+
+SCM_HD LossCoef loss_coef(float t, float sigma_d, float r) {
+  const float ct = cosf(t), st = sinf(t);
+  LossCoef k;
+  k.fm = -ct * ct * sigma_d;
+  k.dx = ct * ct;
+  k.x = -r * ct * st;
+  k.j = -r * sigma_d;
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Counter-based normal noise (A23): Philox4x32-10 (Salmon et al., SC'11) + Box-Muller.
 // Element i of a stream keyed by `seed` belongs to group g = i / 4 and lane i % 4:
 //   (r0, r1, r2, r3) = Philox4x32-10(counter = (lo32(g), hi32(g), 0, 0), key = (lo32(seed), hi32(seed)))
@@ -122,11 +141,15 @@ SCM_HD void philox_normal4(uint64_t seed, uint64_t g, float out[4]) {
   out[3] = rb * sinf(tb);
 }
 
-// Normal number i of the stream keyed by `seed` (one lane of philox_normal4).
+// Normal number i of the stream keyed by `seed` (one lane of philox_normal4). The lane is picked
+// with selects rather than a runtime array index, which would put the array on the GPU stack.
 SCM_HD float philox_normal(uint64_t seed, uint64_t i) {
   float n[4];
   philox_normal4(seed, i >> 2, n);
-  return n[i & 3];
+  const unsigned lane = static_cast<unsigned>(i & 3);
+  const float lo = (lane & 1) ? n[1] : n[0];
+  const float hi = (lane & 1) ? n[3] : n[2];
+  return (lane & 2) ? hi : lo;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,6 +163,22 @@ SCM_HD float positional_omega(int64_t k, int64_t half, float log_max_period) {
 }
 
 constexpr float kTwoPi = 6.283185307179586f;
+
+// sin and cos of theta = r + n * pi/2 from the reduced argument |r| <= pi/4 and the quadrant n:
+// the Cephes sinf/cosf minimax polynomials (~1 ulp), picked and signed by n mod 4. Branch-free, so
+// that CPU loops calling it vectorize; each backend does its own reduction (the CPU kernel a float
+// Cody-Waite one that vectorizes, the CUDA kernel one in double).
+SCM_HD void sincos_reduced(float r, int32_t n, float& s_out, float& c_out) {
+  const float z = r * r;
+  const float ps = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float pc =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.f;
+  const bool swap = (n & 1) != 0;
+  const float sv = swap ? pc : ps;
+  const float cv = swap ? ps : pc;
+  s_out = (n & 2) ? -sv : sv;
+  c_out = ((n + 1) & 2) ? -cv : cv;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Welford / Chan merge of (count, mean, M2) statistics, for the normalization kernels (sec. 6):

@@ -1,0 +1,110 @@
+"""autograd.Function of the time embedding (A10) over the kernel backends, and the fake (meta)
+implementations of its three torch.ops.scm schemas.
+
+Inputs of the Function are already fp32: t (B,) and freqs (half,) or None (the public function
+converts them with differentiable .to() calls, so gradients and tangents flow back to the caller's
+dtypes). Derivatives (see triton_kernels.py for the formulas):
+  backward -> time_embedding_backward (dt, and dfreqs when freqs requires grad; fixed-order sums)
+  jvp      -> time_embedding_jvp (tangents of t and freqs, either may be absent)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scm_kernels import backend as _backend
+
+
+def _cpu_ops():
+    ops = torch.ops.scm
+    return ops.time_embedding, ops.time_embedding_jvp, ops.time_embedding_backward
+
+
+def _triton_ops():
+    from scm_kernels.time_embedding import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
+
+    ops = torch.ops.scm_triton
+    return ops.time_embedding, ops.time_embedding_jvp, ops.time_embedding_backward
+
+
+# backend name -> () -> (forward, jvp, backward), resolved lazily (triton is imported on first use).
+_TABLE = {"cpu": _cpu_ops, "cuda": _cpu_ops, "triton": _triton_ops}
+_resolved: dict = {}
+
+
+def kernels(name: str):
+    """(forward, jvp, backward) callables of backend `name`, all with the schemas' arguments."""
+    k = _resolved.get(name)
+    if k is None:
+        k = _resolved[name] = _TABLE[name]()
+    return k
+
+
+def _detached(*tensors):
+    """Saved tensors without their own tangents/graph: the kernels take plain values (under torch.func
+    the tensors are wrapped at the transform's level; the dispatcher unwraps detached ones)."""
+    return tuple(x.detach() if x is not None else None for x in tensors)
+
+
+def _rows_f32(grad: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient as fp32 (B, dim) with inner stride 1 (what the kernels read)."""
+    if grad.dtype != torch.float32:
+        grad = grad.float()
+    if grad.stride(1) != 1 and grad.size(1) > 1:
+        grad = grad.contiguous()
+    return grad
+
+
+class TimeEmbeddingFunction(torch.autograd.Function):
+    """emb = time_embedding(t, freqs) for fp32 t (B,) and freqs (half,) or None (A10)."""
+
+    @staticmethod
+    def forward(t, freqs, dim, max_period, time_scale, name):
+        return kernels(name)[0](t, dim, max_period, time_scale, freqs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        t, freqs, dim, max_period, time_scale, name = inputs
+        ctx.args = (dim, max_period, time_scale, name)
+        ctx.has_freqs = freqs is not None
+        ctx.save_for_backward(t, freqs)
+        ctx.save_for_forward(t, freqs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, max_period, time_scale, name = ctx.args
+        t, freqs = _detached(*ctx.saved_tensors)
+        need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_freqs
+        if not (need_t or need_f):
+            return None, None, None, None, None, None
+        dt, dfreqs = kernels(name)[2](_rows_f32(grad), t, dim, max_period, time_scale, freqs, need_f)
+        return (dt if need_t else None), (dfreqs if need_f else None), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_dot, freqs_dot, *_):
+        dim, max_period, time_scale, name = ctx.args
+        t, freqs = _detached(*ctx.saved_tensors)
+        if t_dot is not None and t_dot.dtype != torch.float32:
+            t_dot = t_dot.float()
+        if freqs_dot is not None and freqs_dot.dtype != torch.float32:
+            freqs_dot = freqs_dot.float()
+        return kernels(name)[1](t, t_dot, dim, max_period, time_scale, freqs, freqs_dot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake implementations, so that torch.compile can trace the ops.
+# ---------------------------------------------------------------------------------------------
+if _backend.extension_available():
+
+    @torch.library.register_fake("scm::time_embedding")
+    def _fake_time_embedding(t, dim, max_period, time_scale, freqs):
+        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
+
+    @torch.library.register_fake("scm::time_embedding_jvp")
+    def _fake_time_embedding_jvp(t, t_dot, dim, max_period, time_scale, freqs, freqs_dot):
+        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
+
+    @torch.library.register_fake("scm::time_embedding_backward")
+    def _fake_time_embedding_backward(grad, t, dim, max_period, time_scale, freqs, need_dfreqs):
+        n = dim // 2 if (need_dfreqs and freqs is not None) else 0
+        return t.new_empty((t.shape[0],), dtype=torch.float32), t.new_empty((n,), dtype=torch.float32)
