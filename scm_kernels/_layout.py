@@ -44,12 +44,13 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def dense_base(x: torch.Tensor) -> torch.Tensor:
     """x itself when its samples are dense blocks, else a contiguous copy."""
-    return x if inner_signature(x) is not None else x.contiguous()
+    return x if x.is_contiguous() or inner_signature(x) is not None else x.contiguous()
 
 
 def matched(ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x with the inner layout of `ref` (same shape): itself when it already has it, else a copy."""
-    if x.shape == ref.shape and inner_signature(x) == inner_signature(ref):
+    """x with the inner layout of `ref` (same shape, ref's samples dense): itself when it already
+    has it, else a copy."""
+    if x.shape == ref.shape and (x.stride()[1:] == ref.stride()[1:] or inner_signature(x) == inner_signature(ref)):
         return x
     out = empty_like_rows(ref, x.dtype)
     out.copy_(x)

@@ -53,32 +53,7 @@ import warnings
 from pathlib import Path
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One launchable configuration of a @triton.jit kernel."""
-
-    op: str  # the op it belongs to, e.g. "trigflow_step"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> triton type: "*fp32", "*fp16", "*bf16", "*u8", "i32", "i64", "fp32", "constexpr"
-    constexprs: dict  # constexpr name -> value
-    num_warps: int = 4
-    num_stages: int = 2
-    expects_mma: bool = False  # True for kernels that must use tensor cores (tl.dot)
-
-    @property
-    def kernel_name(self) -> str:
-        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
-
-    @property
-    def config(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
-        parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
-        return ",".join(parts)
-
-
-def spec(op: str, fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 2,
-         expects_mma: bool = False) -> KernelSpec:
-    return KernelSpec(op, fn, dict(signature), dict(constexprs), num_warps, num_stages, expects_mma)
+from scm_kernels._spec import KernelSpec, spec  # noqa: E402,F401  (the API op modules build AOT_SPECS with)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from scm_kernels.aot import spec
+from scm_kernels._spec import spec
 
 # (net dtype, data dtype) pairs the Triton launchers accept.
 _LOWP = (torch.float32, torch.float16, torch.bfloat16)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from scm_kernels import aot
+from scm_kernels._spec import spec
 from scm_kernels.backend import triton_interpret
 
 try:  # libdevice is only needed (and only importable as a real module) for GPU builds
@@ -288,7 +288,7 @@ def _aot_specs() -> list:
     for block_k, block_b in _CONFIGS.items():
         blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k, PRECISE_EXP=True)
         for fourier in (False, True):
-            specs.append(aot.spec(
+            specs.append(spec(
                 "time_embedding", _time_embedding_fwd,
                 {"T": "*fp32", "FREQS": "*fp32", "OUT": "*fp32", "B": "i32", "half": "i32", "dim": "i32",
                  "stride_t": "i32", "stride_f": "i32", "stride_ob": "i32", "log_max_period": "fp32",
@@ -297,7 +297,7 @@ def _aot_specs() -> list:
                 dict(blocks, FOURIER=fourier), num_warps=NUM_WARPS))
             for has_tdot in (False, True):
                 for has_fdot in ((False, True) if fourier else (False,)):
-                    specs.append(aot.spec(
+                    specs.append(spec(
                         "time_embedding", _time_embedding_jvp,
                         {"T": "*fp32", "TDOT": "*fp32", "FREQS": "*fp32", "FDOT": "*fp32", "OUT": "*fp32",
                          "B": "i32", "half": "i32", "dim": "i32", "stride_t": "i32", "stride_td": "i32",
@@ -307,7 +307,7 @@ def _aot_specs() -> list:
                          "BLOCK_K": "constexpr"},
                         dict(blocks, FOURIER=fourier, HAS_TDOT=has_tdot, HAS_FDOT=has_fdot), num_warps=NUM_WARPS))
             for need_df in ((False, True) if fourier else (False,)):
-                specs.append(aot.spec(
+                specs.append(spec(
                     "time_embedding", _time_embedding_bwd,
                     {"G": "*fp32", "T": "*fp32", "FREQS": "*fp32", "DT_PART": "*fp32", "DF_PART": "*fp32",
                      "B": "i32", "half": "i32", "stride_gb": "i32", "stride_t": "i32", "stride_f": "i32",

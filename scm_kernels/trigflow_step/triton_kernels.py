@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scm_kernels import aot
+from scm_kernels._spec import spec
 
 _KEY_A = tl.constexpr(0x9E3779B9)
 _KEY_B = tl.constexpr(0xBB67AE85)
@@ -220,7 +220,7 @@ def _aot_specs() -> list:
             sig = {"X": _TY[xd], "F": _TY[fd], "N": _TY[nd], "OUT": "*u8" if u8 else _TY[xd],
                    "T": "*fp32", "S": "*fp32", **ints, "BLOCK": "constexpr", "MODE": "constexpr",
                    "OUT_U8": "constexpr"}
-            specs.append(aot.spec("trigflow_step", _trigflow_step_fwd, sig,
+            specs.append(spec("trigflow_step", _trigflow_step_fwd, sig,
                                   {"BLOCK": BLOCK, "MODE": mode, "OUT_U8": u8}, num_warps=NUM_WARPS))
     for xd, fd in itertools.product(TRITON_DTYPES, TRITON_DTYPES):
         for renoise, need_x, need_f in itertools.product((False, True), (False, True), (False, True)):
@@ -230,7 +230,7 @@ def _aot_specs() -> list:
                    "T": "*fp32", "S": "*fp32", "stride_g": "i32", "stride_t": "i32", "stride_s": "i32",
                    "B": "i32", "D": "i32", "sigma_d": "fp32", "BLOCK": "constexpr", "RENOISE": "constexpr",
                    "NEED_X": "constexpr", "NEED_F": "constexpr"}
-            specs.append(aot.spec("trigflow_step", _trigflow_step_bwd, sig,
+            specs.append(spec("trigflow_step", _trigflow_step_bwd, sig,
                                   {"BLOCK": BLOCK, "RENOISE": renoise, "NEED_X": need_x, "NEED_F": need_f},
                                   num_warps=NUM_WARPS))
     return specs

@@ -1,0 +1,37 @@
+"""KernelSpec: one launchable configuration of a Triton kernel, as listed in each op's AOT_SPECS.
+
+Kept apart from scm_kernels.aot (the compile driver) so that importing an op does not import the
+driver; `python -m scm_kernels.aot` compiles every spec for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One launchable configuration of a @triton.jit kernel."""
+
+    op: str  # the op it belongs to, e.g. "trigflow_step"
+    fn: object  # the @triton.jit function
+    signature: dict  # argument name -> triton type: "*fp32", "*fp16", "*bf16", "*u8", "i32", "i64", "fp32", "constexpr"
+    constexprs: dict  # constexpr name -> value
+    num_warps: int = 4
+    num_stages: int = 2
+    expects_mma: bool = False  # True for kernels that must use tensor cores (tl.dot)
+
+    @property
+    def kernel_name(self) -> str:
+        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+
+    @property
+    def config(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
+        parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
+        return ",".join(parts)
+
+
+def spec(op: str, fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 2,
+         expects_mma: bool = False) -> KernelSpec:
+    return KernelSpec(op, fn, dict(signature), dict(constexprs), num_warps, num_stages, expects_mma)
