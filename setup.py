@@ -29,7 +29,9 @@ def _ext_modules():
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     openmp = ["-fopenmp"] if sys.platform != "darwin" else ["-Xpreprocessor", "-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", *openmp]
+    # -fno-math-errno, -fno-trapping-math: no errno writes or FP traps to preserve, so the compiler may
+    # vectorize loops over sqrt and if-convert selects; results stay IEEE (unlike -ffast-math).
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", *openmp]
     extra = {"cxx": cxx_flags}
     link = ["-fopenmp"] if sys.platform != "darwin" else ["-lomp"]
 

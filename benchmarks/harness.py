@@ -263,6 +263,24 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory (mmap and trim thresholds of 1 GiB), for CPU runs.
+
+    PyTorch's CPU allocator is plain malloc: by default a freed multi-MB tensor goes back to the OS
+    and the next allocation of that size faults its pages in again, which costs more than the op
+    itself at these sizes and hits providers that allocate more temporaries (eager) at random.
+    With the thresholds raised, every provider reuses warm memory, as with a caching allocator on
+    the GPU, and the ratios measure the kernels. Returns False where this is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Timers
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +623,7 @@ class Options:
     memory: bool = False
     op_module: str = ""  # module of the bench file, for the --memory subprocess
     compile_backend: str = "inductor"  # torch.compile backend of the "compile" provider
+    malloc_kept: bool = False  # CPU: glibc malloc told to keep freed memory (keep_freed_memory)
 
 
 def _short(e: BaseException) -> str:

@@ -181,6 +181,8 @@ def legend(opts: Options, env: dict[str, str]) -> str:
     else:
         timer = f"median (p20-p80) of {opts.repeats} repeats, each >= {opts.min_repeat_ms:g} ms of calls"
         timer += ", after a warm-up"
+        if opts.malloc_kept:
+            timer += "; malloc keeps freed memory (no page faults for fresh outputs, see harness.keep_freed_memory)"
         mem = "* = analytic bytes of the mode's inputs + outputs (measure with --memory)"
         if opts.memory:
             mem = "peak RSS increase during one call, fresh subprocess"
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         memory=args.memory,
         compile_backend=args.compile_backend,
     )
+    if device.type == "cpu":
+        opts.malloc_kept = harness.keep_freed_memory()
     env = harness.environment(device)
     run_id = harness.new_run_id()
     print(legend(opts, env))

@@ -109,6 +109,9 @@ def per_sample(x, name: str, op: str, batch: int, like: torch.Tensor) -> torch.T
         tensor(x, name, op)
         if x.device != like.device:
             raise ValueError(f"{op}: {name} is on {x.device} but the data is on {like.device}")
+        if x.dtype == torch.float32 and x.dim() == 1 and x.shape[0] == batch:  # already (B,) float32
+            finite(x, name, op)
+            return x
         if x.numel() == 1:
             v = x.reshape(1).to(torch.float32).expand(batch)
         elif x.numel() == batch and x.dim() >= 1 and x.shape[0] == batch:

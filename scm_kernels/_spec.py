@@ -27,7 +27,8 @@ class KernelSpec:
 
     @property
     def config(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
+        ptr_types = "/".join(v[1:] for v in self.signature.values() if isinstance(v, str) and v.startswith("*"))
+        parts = [f"ptrs={ptr_types}"] + [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
         parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
         return ",".join(parts)
 

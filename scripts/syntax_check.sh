@@ -10,7 +10,7 @@ INC=$("$PY" -c 'import sysconfig; from torch.utils.cpp_extension import include_
 for f in "$@"; do
   case "$f" in
     *.cu) nvcc -std=c++17 -arch=sm_80 -DSCM_WITH_CUDA=1 -Icsrc/include $INC -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -c "$f" -o /dev/null ;;
-    *) c++ -std=c++17 -fsyntax-only -fopenmp -Icsrc/include $INC "$f" ;;
+    *) c++ -std=c++17 -fsyntax-only -fopenmp -fno-trapping-math -Icsrc/include $INC "$f" ;;
   esac
   echo "ok: $f"
 done

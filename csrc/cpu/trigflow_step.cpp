@@ -41,7 +41,45 @@ void check_times(const at::Tensor& t, const char* name, int64_t B) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, "trigflow_step: ", name, " must be float32, got ", t.scalar_type());
 }
 
-// n Philox normals of stream elements i0 .. i0 + n - 1 (whole groups of 4 through philox_normal4).
+// Function multi-versioning: an AVX2 clone (8 lanes), chosen at load time on CPUs that have it,
+// next to the baseline SSE2 version.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SCM_TF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SCM_TF_CLONES
+#endif
+
+// out = cx * x + cf * f (+ ce * e when e is given): the fp32 fast path of the step.
+SCM_TF_CLONES void mix_f32(const float* __restrict x, const float* __restrict f, const float* __restrict e,
+                           float cx, float cf, float ce, int64_t n, float* __restrict out) {
+  if (e != nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = cx * x[i] + cf * f[i] + ce * e[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = cx * x[i] + cf * f[i];
+  }
+}
+
+// The normals of groups g0 .. g0 + ng - 1 (4 per group) into out. One group per iteration with no
+// branches or calls (Philox rounds unrolled, log/sincos polynomials of scm/math.h), so the compiler
+// vectorizes across groups.
+SCM_TF_CLONES void philox_groups(uint64_t seed, uint64_t g0, int64_t ng, float* __restrict out) {
+  const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(g0 >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int64_t q = 0; q < ng; ++q) {
+    const uint32_t c0 = lo + static_cast<uint32_t>(q);
+    const uint32_t c1 = hi + (c0 < lo ? 1u : 0u);  // carry into the high word of the counter
+    const U32x4 r = philox4x32_10(c0, c1, 0u, 0u, k0, k1);
+    float n0, n1, n2, n3;
+    box_muller(uint_to_unit(r.v[0]), uint_to_unit(r.v[1]), n0, n1);
+    box_muller(uint_to_unit(r.v[2]), uint_to_unit(r.v[3]), n2, n3);
+    out[4 * q] = n0;
+    out[4 * q + 1] = n1;
+    out[4 * q + 2] = n2;
+    out[4 * q + 3] = n3;
+  }
+}
+
+// n Philox normals of stream elements i0 .. i0 + n - 1 (scm::philox_normal: group i / 4, lane i % 4).
 inline void philox_fill(uint64_t seed, uint64_t i0, int64_t n, float* out) {
   int64_t j = 0;
   uint64_t i = i0;
@@ -50,7 +88,10 @@ inline void philox_fill(uint64_t seed, uint64_t i0, int64_t n, float* out) {
     philox_normal4(seed, i >> 2, g4);
     for (; j < n && (i & 3); ++j, ++i) out[j] = g4[i & 3];
   }
-  for (; j + 4 <= n; j += 4, i += 4) philox_normal4(seed, i >> 2, out + j);
+  const int64_t ng = (n - j) / 4;
+  philox_groups(seed, i >> 2, ng, out + j);
+  j += 4 * ng;
+  i += 4 * ng;
   if (j < n) {  // tail
     philox_normal4(seed, i >> 2, g4);
     for (int l = 0; j < n; ++j, ++l) out[j] = g4[l];
@@ -83,7 +124,8 @@ at::Tensor trigflow_step_cpu(const at::Tensor& x_t, const at::Tensor& F, const a
   const std::vector<TrigCoef> coef = row_coefs(t, t_next, renoise, sigma_d, B);
   const at::ScalarType xd = x_t.scalar_type(), fd = F.scalar_type();
   const at::ScalarType nd = noise_mode == 1 ? noise->scalar_type() : at::kFloat;
-  const bool all_f32 = xd == at::kFloat && fd == at::kFloat && nd == at::kFloat && !out_uint8;
+  const bool f32_in = xd == at::kFloat && fd == at::kFloat && nd == at::kFloat;  // no conversion buffers
+  const bool all_f32 = f32_in && !out_uint8;
   const int64_t nchunk = (D + kGrain - 1) / kGrain;
   const uint64_t useed = static_cast<uint64_t>(seed);
 
@@ -104,24 +146,19 @@ at::Tensor trigflow_step_cpu(const at::Tensor& x_t, const at::Tensor& F, const a
           const float* xp = reinterpret_cast<const float*>(xr) + k;
           const float* fp = reinterpret_cast<const float*>(fr) + k;
           float* op = reinterpret_cast<float*>(orow) + k;
-          if (noise_mode == 1) {
-            const float* np = reinterpret_cast<const float*>(nr) + k;
-            for (int64_t i = 0; i < n; ++i) op[i] = cx * xp[i] + cf * fp[i] + ce * np[i];
-          } else if (noise_mode == 2) {
-            for (int64_t i = 0; i < n; ++i) op[i] = cx * xp[i] + cf * fp[i] + ce * nb[i];
-          } else {
-            for (int64_t i = 0; i < n; ++i) op[i] = cx * xp[i] + cf * fp[i];
-          }
+          const float* ep = noise_mode == 1 ? reinterpret_cast<const float*>(nr) + k : nb;
+          mix_f32(xp, fp, noise_mode == 1 || noise_mode == 2 ? ep : nullptr, cx, cf, ce, n, op);
           continue;
         }
-        load_f32(xr + k * x_t.element_size(), xd, n, xb);
-        load_f32(fr + k * F.element_size(), fd, n, fb);
-        for (int64_t i = 0; i < n; ++i) ob[i] = cx * xb[i] + cf * fb[i];
-        if (noise_mode == 1) {
-          load_f32(nr + k * noise->element_size(), nd, n, nb);
-        }
-        if (noise_mode == 1 || noise_mode == 2) {
-          for (int64_t i = 0; i < n; ++i) ob[i] += ce * nb[i];
+        if (f32_in) {  // fp32 inputs, uint8 pixels out
+          const float* ep = noise_mode == 1 ? reinterpret_cast<const float*>(nr) + k : nb;
+          mix_f32(reinterpret_cast<const float*>(xr) + k, reinterpret_cast<const float*>(fr) + k,
+                  noise_mode == 1 || noise_mode == 2 ? ep : nullptr, cx, cf, ce, n, ob);
+        } else {
+          load_f32(xr + k * x_t.element_size(), xd, n, xb);
+          load_f32(fr + k * F.element_size(), fd, n, fb);
+          if (noise_mode == 1) load_f32(nr + k * noise->element_size(), nd, n, nb);
+          mix_f32(xb, fb, noise_mode == 1 || noise_mode == 2 ? nb : nullptr, cx, cf, ce, n, ob);
         }
         if (out_uint8) {
           uint8_t* op = reinterpret_cast<uint8_t*>(orow) + k;

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SCM_HD __host__ __device__ __forceinline__
@@ -47,11 +48,15 @@ SCM_HD TrigCoef trig_coef(float t, float s, bool renoise, float sigma_d) {
 }
 
 // uint8 pixels from a value in [-1, 1]: round(clamp((x + 1) * 127.5, 0, 255)), rounding half to
-// even like torch.round.
+// even like torch.round. Adding and subtracting 2^23 rounds a float in [0, 2^23) to an integer in
+// the current (round-to-nearest-even) mode without a call, so CPU loops over it vectorize.
+// NaN maps to 0.
 SCM_HD uint8_t to_pixel(float x) {
   float p = (x + 1.f) * 127.5f;
-  p = p < 0.f ? 0.f : (p > 255.f ? 255.f : p);
-  return static_cast<uint8_t>(rintf(p));
+  p = p > 0.f ? p : 0.f;  // also NaN -> 0
+  p = p < 255.f ? p : 255.f;
+  // Exact IEEE semantics (no fast-math anywhere in this build) keep (p + 2^23) - 2^23 unfolded.
+  return static_cast<uint8_t>(static_cast<int32_t>((p + 8388608.f) - 8388608.f));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,6 +76,22 @@ SCM_HD LossCoef loss_coef(float t, float sigma_d, float r) {
   k.x = -r * ct * st;
   k.j = -r * sigma_d;
   return k;
+}
+
+// sin and cos of theta = r + n * pi/2 from the reduced argument |r| <= pi/4 and the quadrant n:
+// the Cephes sinf/cosf minimax polynomials (~1 ulp), picked and signed by n mod 4. Branch-free, so
+// that CPU loops calling it vectorize; each backend does its own reduction (the CPU kernel a float
+// Cody-Waite one that vectorizes, the CUDA kernel one in double).
+SCM_HD void sincos_reduced(float r, int32_t n, float& s_out, float& c_out) {
+  const float z = r * r;
+  const float ps = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float pc =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.f;
+  const bool swap = (n & 1) != 0;
+  const float sv = swap ? pc : ps;
+  const float cv = swap ? ps : pc;
+  s_out = (n & 2) ? -sv : sv;
+  c_out = ((n + 1) & 2) ? -cv : cv;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -100,6 +121,8 @@ SCM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, u
                            uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi2, lo2;
@@ -126,19 +149,45 @@ SCM_HD float uint_to_unit(uint32_t r) {
   return (static_cast<float>(r >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
 }
 
+// Natural logarithm of a positive normal float (Cephes logf: x = m 2^e with m in [sqrt(1/2),
+// sqrt(2)), a degree-9 polynomial in m - 1; ~1 ulp). Branch-free, so CPU loops calling it vectorize.
+SCM_HD float log_poly(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126);
+  bits = (bits & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  float m;
+  memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.f : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * e;
+}
+
+// Box-Muller pair for uniforms (ua, ub): sqrt(-2 ln ua) * (cos, sin)(2 pi ub). The angle is reduced
+// exactly: 2 pi ub = (4 ub - j) pi/2 + j pi/2 with j = round(4 ub), and 4 ub - j is exact in fp32.
+SCM_HD void box_muller(float ua, float ub, float& n_cos, float& n_sin) {
+  const float radius = sqrtf(-2.f * log_poly(ua));
+  const float q = 4.f * ub;
+  const float j = (q + 8388608.f) - 8388608.f;  // round to nearest even, no call (0 <= q < 2^23)
+  float s, c;
+  sincos_reduced((q - j) * 1.57079632679489662f, static_cast<int32_t>(j), s, c);
+  n_cos = radius * c;
+  n_sin = radius * s;
+}
+
 // The four normals of group `g` of the stream keyed by `seed`.
 SCM_HD void philox_normal4(uint64_t seed, uint64_t g, float out[4]) {
   const U32x4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), 0u, 0u,
                                 static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float two_pi = 6.283185307179586f;
-  const float ra = sqrtf(-2.f * logf(uint_to_unit(r.v[0])));
-  const float rb = sqrtf(-2.f * logf(uint_to_unit(r.v[2])));
-  const float ta = two_pi * uint_to_unit(r.v[1]);
-  const float tb = two_pi * uint_to_unit(r.v[3]);
-  out[0] = ra * cosf(ta);
-  out[1] = ra * sinf(ta);
-  out[2] = rb * cosf(tb);
-  out[3] = rb * sinf(tb);
+  box_muller(uint_to_unit(r.v[0]), uint_to_unit(r.v[1]), out[0], out[1]);
+  box_muller(uint_to_unit(r.v[2]), uint_to_unit(r.v[3]), out[2], out[3]);
 }
 
 // Normal number i of the stream keyed by `seed` (one lane of philox_normal4). The lane is picked
@@ -164,21 +213,6 @@ SCM_HD float positional_omega(int64_t k, int64_t half, float log_max_period) {
 
 constexpr float kTwoPi = 6.283185307179586f;
 
-// sin and cos of theta = r + n * pi/2 from the reduced argument |r| <= pi/4 and the quadrant n:
-// the Cephes sinf/cosf minimax polynomials (~1 ulp), picked and signed by n mod 4. Branch-free, so
-// that CPU loops calling it vectorize; each backend does its own reduction (the CPU kernel a float
-// Cody-Waite one that vectorizes, the CUDA kernel one in double).
-SCM_HD void sincos_reduced(float r, int32_t n, float& s_out, float& c_out) {
-  const float z = r * r;
-  const float ps = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  const float pc =
-      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.f;
-  const bool swap = (n & 1) != 0;
-  const float sv = swap ? pc : ps;
-  const float cv = swap ? ps : pc;
-  s_out = (n & 2) ? -sv : sv;
-  c_out = ((n + 1) & 2) ? -cv : cv;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Welford / Chan merge of (count, mean, M2) statistics, for the normalization kernels (sec. 6):
