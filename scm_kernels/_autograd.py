@@ -15,6 +15,17 @@ def traceable(fn_cls: type[torch.autograd.Function]) -> type[torch.autograd.Func
                                                              "__doc__": traceable.__doc__})
 
 
-def pick(fn_cls: type[torch.autograd.Function], traceable_cls: type[torch.autograd.Function]):
-    """fn_cls normally, traceable_cls while torch.compile traces."""
-    return traceable_cls if torch.compiler.is_compiling() else fn_cls
+def apply(fn_cls: type[torch.autograd.Function], traceable_cls: type[torch.autograd.Function], *args):
+    """fn_cls.apply(*args) for positional arguments, without its per-call signature binding.
+
+    torch.autograd.Function.apply binds the arguments with inspect.signature on every call when the
+    Function uses setup_context (tens of microseconds, more than a small kernel). Our Functions take
+    only positional arguments without defaults, so outside torch.func transforms and torch.compile
+    this goes straight to the C++ apply that Function.apply ends in; inside them it is the usual
+    apply (torch.compile: the jvp-free traceable_cls)."""
+    if torch.compiler.is_compiling():
+        return traceable_cls.apply(*args)
+    if torch._C._are_functorch_transforms_active():
+        return fn_cls.apply(*args)
+    args = torch._functorch.utils.unwrap_dead_wrappers(args)
+    return super(torch.autograd.Function, fn_cls).apply(*args)  # the C++ _FunctionBase.apply

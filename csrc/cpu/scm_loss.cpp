@@ -75,46 +75,128 @@ struct Inputs {
   float sigma_d = 0.5f, r = 1.f, c = 0.1f;
 };
 
-// Scratch buffers of one task (stack: 6 * 2 KiB).
+// Scratch buffers of one task (stack: 5 * 2 KiB); only non-fp32 operands are converted into them.
 struct Buffers {
-  float f[kChunk], j[kChunk], x[kChunk], dx[kChunk], fm[kChunk], g[kChunk];
+  float f[kChunk], j[kChunk], x[kChunk], dx[kChunk], fm[kChunk];
 };
 
-// g (A14) of elements [i0, i0 + n) of sample b into buf.g, and F - F^- into `diff` when has_fm.
-// Returns a pointer to F - F^- (nullptr without F_minus: then it is exactly zero).
-inline const float* chunk_g(const Inputs& in, const LossCoef& k, int64_t b, int64_t i0, int64_t n, Buffers& buf,
-                            float* diff) {
-  const float* J = in.J.load(b, i0, n, buf.j);
-  const float* X = in.x.load(b, i0, n, buf.x);
-  const float* DX = in.dx.load(b, i0, n, buf.dx);
-  const float* F = in.F.load(b, i0, n, buf.f);
-  const float* FM = in.has_fm ? in.Fm.load(b, i0, n, buf.fm) : F;
-  float* g = buf.g;
-  for (int64_t i = 0; i < n; ++i) g[i] = k.fm * FM[i] + k.dx * DX[i] + k.x * X[i] + k.j * J[i];
-  if (!in.has_fm) return nullptr;
-  for (int64_t i = 0; i < n; ++i) diff[i] = F[i] - FM[i];
-  return diff;
+// fp32 views of one chunk of the operands. fm is nullptr without F_minus (then F^- = F and
+// F - F^- is exactly zero).
+struct Chunk {
+  const float *f, *fm, *dx, *x, *j;
+};
+
+inline Chunk load_chunk(const Inputs& in, int64_t b, int64_t i0, int64_t n, Buffers& buf) {
+  Chunk c;
+  c.j = in.J.load(b, i0, n, buf.j);
+  c.x = in.x.load(b, i0, n, buf.x);
+  c.dx = in.dx.load(b, i0, n, buf.dx);
+  c.f = in.F.load(b, i0, n, buf.f);
+  c.fm = in.has_fm ? in.Fm.load(b, i0, n, buf.fm) : nullptr;
+  return c;
 }
 
-// e_i = (F - F^-)_i - g_i * inv into e (A17).
-inline void chunk_e(const float* g, const float* diff, float inv, int64_t n, float* e) {
-  if (diff != nullptr) {
-    for (int64_t i = 0; i < n; ++i) e[i] = diff[i] - g[i] * inv;
+// ---------------------------------------------------------------------------------------------
+// Chunk kernels. Function multi-versioning: an AVX2 clone (8 lanes), chosen at load time on CPUs
+// that have it, next to the baseline SSE2 version (the build has no -march). Each one makes a
+// single pass over the chunk, fusing g (A14), e (A17) and the reduction or the output.
+// Reductions use kLanes fp32 accumulators: element i of the chunk always goes to lane i % kLanes
+// (chunks start at multiples of kChunk, so this is also the element's index in the sample mod
+// kLanes), and the lanes are folded in order, so the result does not depend on the thread count
+// or the schedule. No FMA is enabled in either clone, so both round every product and sum alike.
+// ---------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SCM_LOSS_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SCM_LOSS_CLONES
+#endif
+
+// Folds the lanes in order.
+inline float fold_lanes(const float* acc) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// sum_i g_i^2 (A14, A16) of one chunk. fm is F^- (F itself without F_minus).
+SCM_LOSS_CLONES float chunk_g_sumsq(const float* __restrict fm, const float* __restrict dx,
+                                    const float* __restrict x, const float* __restrict j, LossCoef k, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float g = k.fm * fm[i + l] + k.dx * dx[i + l] + k.x * x[i + l] + k.j * j[i + l];
+      acc[l] += g * g;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const float g = k.fm * fm[i] + k.dx * dx[i] + k.x * x[i] + k.j * j[i];
+    acc[l] += g * g;
+  }
+  return fold_lanes(acc);
+}
+
+// sum_i e_i * v_i of one chunk with e_i = (F - F^-)_i - g_i * inv (A17), or e_i = -g_i * inv with F^- = F
+// when fm is nullptr. v = nullptr means v = e (sum of squares).
+SCM_LOSS_CLONES float chunk_e_dot(const float* __restrict f, const float* __restrict fm, const float* __restrict dx,
+                                  const float* __restrict x, const float* __restrict j, LossCoef k, float inv,
+                                  const float* __restrict v, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+#define SCM_LOSS_E_LOOP(E_EXPR, PROD)                                                          \
+  for (; i + kLanes <= n; i += kLanes) {                                                         \
+    for (int l = 0; l < kLanes; ++l) {                                                           \
+      const int64_t m = i + l;                                                                   \
+      const float e = E_EXPR;                                                                    \
+      acc[l] += PROD;                                                                            \
+    }                                                                                            \
+  }                                                                                              \
+  for (int l = 0; i < n; ++i, ++l) {                                                             \
+    const int64_t m = i;                                                                         \
+    const float e = E_EXPR;                                                                      \
+    acc[l] += PROD;                                                                              \
+  }
+#define SCM_LOSS_G(FM) (k.fm * FM[m] + k.dx * dx[m] + k.x * x[m] + k.j * j[m])
+  if (fm != nullptr) {
+    if (v != nullptr) {
+      SCM_LOSS_E_LOOP((f[m] - fm[m]) - SCM_LOSS_G(fm) * inv, e * v[m])
+    } else {
+      SCM_LOSS_E_LOOP((f[m] - fm[m]) - SCM_LOSS_G(fm) * inv, e * e)
+    }
   } else {
-    for (int64_t i = 0; i < n; ++i) e[i] = -g[i] * inv;
+    if (v != nullptr) {
+      SCM_LOSS_E_LOOP(-SCM_LOSS_G(f) * inv, e * v[m])
+    } else {
+      SCM_LOSS_E_LOOP(-SCM_LOSS_G(f) * inv, e * e)
+    }
+  }
+#undef SCM_LOSS_G
+#undef SCM_LOSS_E_LOOP
+  return fold_lanes(acc);
+}
+
+// out_i = e_i * scale (the backward, A17), e as in chunk_e_dot.
+SCM_LOSS_CLONES void chunk_e_scaled(const float* __restrict f, const float* __restrict fm, const float* __restrict dx,
+                                    const float* __restrict x, const float* __restrict j, LossCoef k, float inv,
+                                    float scale, int64_t n, float* __restrict out) {
+  if (fm != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = k.fm * fm[i] + k.dx * dx[i] + k.x * x[i] + k.j * j[i];
+      out[i] = ((f[i] - fm[i]) - g * inv) * scale;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = k.fm * f[i] + k.dx * dx[i] + k.x * x[i] + k.j * j[i];
+      out[i] = (-g * inv) * scale;
+    }
   }
 }
 
-// sum_i a_i * b_i with kLanes independent fp32 accumulators, folded in a fixed order.
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
-  for (int k = 0; i < n; ++i, ++k) acc[k] += a[i] * b[i];
-  float s = 0.f;
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
+// Per-sample coefficients of g (A14).
+std::vector<LossCoef> sample_coefs(const Inputs& in, int64_t B) {
+  std::vector<LossCoef> k(B);
+  for (int64_t b = 0; b < B; ++b) k[b] = loss_coef(in.t[b], in.sigma_d, in.r);
+  return k;
 }
 
 int64_t n_segments(int64_t D) { return (D + kSeg - 1) / kSeg; }
@@ -203,22 +285,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scm_loss_cpu(const at::Tensor& F,
   at::Tensor loss = at::empty({B}, opts), gnorm = at::empty({B}, opts), sqerr = at::empty({B}, opts);
   float* gn = gnorm.mutable_data_ptr<float>();
 
+  const std::vector<LossCoef> coef = sample_coefs(in, B);
   std::vector<float> partial;
   // pass 1 (A14, A16)
   segment_reduce(B, D, partial, [&](int64_t b, int64_t i0, int64_t n) {
     Buffers buf;
-    float diff[kChunk];
-    chunk_g(in, loss_coef(in.t[b], in.sigma_d, in.r), b, i0, n, buf, diff);
-    return dot_f32(buf.g, buf.g, n);
+    const Chunk c = load_chunk(in, b, i0, n, buf);
+    return chunk_g_sumsq(c.fm != nullptr ? c.fm : c.f, c.dx, c.x, c.j, coef[b], n);
   });
   for (int64_t b = 0; b < B; ++b) gn[b] = std::sqrt(sample_sum(partial, b, nseg));
   // pass 2 (A16, A17)
   segment_reduce(B, D, partial, [&](int64_t b, int64_t i0, int64_t n) {
     Buffers buf;
-    float diff[kChunk], e[kChunk];
-    const float* d = chunk_g(in, loss_coef(in.t[b], in.sigma_d, in.r), b, i0, n, buf, diff);
-    chunk_e(buf.g, d, 1.f / (gn[b] + in.c), n, e);
-    return dot_f32(e, e, n);
+    const Chunk c = load_chunk(in, b, i0, n, buf);
+    return chunk_e_dot(c.f, c.fm, c.dx, c.x, c.j, coef[b], 1.f / (gn[b] + in.c), nullptr, n);
   });
   float* L = loss.mutable_data_ptr<float>();
   float* sq = sqerr.mutable_data_ptr<float>();
@@ -251,9 +331,10 @@ at::Tensor scm_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   char* out = static_cast<char*>(dF.mutable_data_ptr());
   const int64_t es = dF.element_size();
   const at::ScalarType dt = dF.scalar_type();
+  const bool out_f32 = dt == at::kFloat;
   at::parallel_for(0, B * nseg, 1, [&](int64_t begin, int64_t end) {
     Buffers buf;
-    float diff[kChunk], e[kChunk];
+    float e[kChunk];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nseg, s = task % nseg;
       const int64_t lo = s * kSeg, hi = std::min(D, lo + kSeg);
@@ -262,10 +343,12 @@ at::Tensor scm_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
       const float scale = 2.f * inv_D * grad[b] * (has_lv ? std::exp(-lv[b]) : 1.f);
       for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
         const int64_t n = std::min(kChunk, hi - i0);
-        const float* d = chunk_g(in, k, b, i0, n, buf, diff);
-        chunk_e(buf.g, d, inv, n, e);
-        for (int64_t i = 0; i < n; ++i) e[i] *= scale;
-        store_f32(e, n, dt, out + (b * D + i0) * es);
+        const Chunk c = load_chunk(in, b, i0, n, buf);
+        char* o = out + (b * D + i0) * es;
+        // fp32 output (dF is a fresh contiguous tensor): written in place
+        float* dst = out_f32 ? reinterpret_cast<float*>(o) : e;
+        chunk_e_scaled(c.f, c.fm, c.dx, c.x, c.j, k, inv, scale, n, dst);
+        if (!out_f32) store_f32(e, n, dt, o);
       }
     }
   });
@@ -284,13 +367,13 @@ at::Tensor scm_loss_jvp_cpu(const at::Tensor& F_dot, const at::Tensor& F, const 
   check_vec(gnorm, "gnorm", B);
   const Operand fdot(F_dot);
   const Scalars gn(gnorm);
+  const std::vector<LossCoef> coef = sample_coefs(in, B);
   std::vector<float> partial;
   segment_reduce(B, D, partial, [&](int64_t b, int64_t i0, int64_t n) {
     Buffers buf;
-    float diff[kChunk], e[kChunk], fd_buf[kChunk];
-    const float* d = chunk_g(in, loss_coef(in.t[b], in.sigma_d, in.r), b, i0, n, buf, diff);
-    chunk_e(buf.g, d, 1.f / (gn[b] + in.c), n, e);
-    return dot_f32(e, fdot.load(b, i0, n, fd_buf), n);
+    float fd_buf[kChunk];
+    const Chunk c = load_chunk(in, b, i0, n, buf);
+    return chunk_e_dot(c.f, c.fm, c.dx, c.x, c.j, coef[b], 1.f / (gn[b] + in.c), fdot.load(b, i0, n, fd_buf), n);
   });
   at::Tensor dot = at::empty({B}, F.options().dtype(at::kFloat));
   float* out = dot.mutable_data_ptr<float>();

@@ -125,7 +125,7 @@ def scm_loss(
         return _layout.as_rows(_layout.matched(Fd, x.detach()))
 
     lv32 = logvar.reshape(B).to(torch.float32) if logvar is not None else None
-    loss, _, _ = _autograd.pick(ScmLossFunction, _ScmLossTraceable).apply(
+    loss, _, _ = _autograd.apply(ScmLossFunction, _ScmLossTraceable,
         Fd, lv32, rows(J), rows(x_t), rows(dxt_dt), t32, rows(F_minus) if F_minus is not None else None,
         sigma_d, r, c, name,
     )

@@ -110,4 +110,4 @@ def time_embedding(t, dim: int, *, kind: str = "positional", max_period: float =
     f32 = freqs if freqs is None or freqs.dtype == torch.float32 else freqs.to(torch.float32)
     if not _needs_autograd(t, freqs):
         return kernels(name)[0](t32, dim, max_period, time_scale, f32)
-    return _autograd.pick(TimeEmbeddingFunction, _TimeEmbeddingTraceable).apply(t32, f32, dim, max_period, time_scale, name)
+    return _autograd.apply(TimeEmbeddingFunction, _TimeEmbeddingTraceable, t32, f32, dim, max_period, time_scale, name)

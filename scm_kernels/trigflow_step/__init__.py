@@ -93,7 +93,7 @@ def trigflow_step(x_t: torch.Tensor, F: torch.Tensor, t, sigma_d: float = 0.5, *
     mode = DENOISE if t_next is None else (NOISE if noise is not None else PHILOX)
     args = (x_base, F_m, t32, s32, n_m, sigma_d, seed or 0, mode, out_uint8, name)
     if _needs_autograd(x_base, F_m, t32, s32, n_m):
-        return _autograd.pick(TrigflowStepFunction, _TrigflowStepTraceable).apply(*args)
+        return _autograd.apply(TrigflowStepFunction, _TrigflowStepTraceable, *args)
     return TrigflowStepFunction.forward(*args)  # no derivative can be asked for: skip the Function
 
 

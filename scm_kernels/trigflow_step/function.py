@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from scm_kernels import _layout, backend
+from scm_kernels import _autograd, _layout, backend
 from scm_kernels.trigflow_step import triton_kernels
 
 # noise_mode of the schema op
@@ -167,7 +167,7 @@ class TrigflowStepFunction(torch.autograd.Function):
         renoise = ctx.mode != DENOISE
         g = _nd_in(grad, ctx.layout)
         if need_x or need_F:
-            out[0], out[1] = TrigflowStepBackwardFunction.apply(
+            out[0], out[1] = _autograd.apply(TrigflowStepBackwardFunction, TrigflowStepBackwardFunction,
                 g, t, s if renoise else None, ctx.sigma_d, renoise, need_x, need_F, ctx.x_dtype, ctx.F_dtype,
                 ctx.name)
         if need_n or need_t or need_s:
