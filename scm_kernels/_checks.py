@@ -11,6 +11,7 @@ import numbers
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES_64 = FLOAT_DTYPES + (torch.float64,)
@@ -81,11 +82,13 @@ def _must_check_values(x: torch.Tensor) -> bool:
     """Value checks need a host sync on CUDA: skip them while a CUDA graph is being captured, while
     torch.compile traces (a data-dependent branch would break the graph), and when the user turned
     them off with SCM_KERNELS_CHECK_VALUES=0."""
-    if os.environ.get("SCM_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or os.environ.get("SCM_KERNELS_CHECK_VALUES") == "0":
         return False
+    if x.is_cpu:
+        return not isinstance(x, FakeTensor)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    return not isinstance(x, torch._subclasses.FakeTensor) and x.device.type != "meta"
+    return not isinstance(x, FakeTensor) and not x.is_meta
 
 
 def finite(x: torch.Tensor, name: str, op: str) -> None:
