@@ -59,6 +59,16 @@ SCM_TF_CLONES void mix_f32(const float* __restrict x, const float* __restrict f,
   }
 }
 
+// The same mix written as uint8 pixels (scm::to_pixel), for the last step.
+SCM_TF_CLONES void mix_pixels(const float* __restrict x, const float* __restrict f, const float* __restrict e,
+                              float cx, float cf, float ce, int64_t n, uint8_t* __restrict out) {
+  if (e != nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_pixel(cx * x[i] + cf * f[i] + ce * e[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_pixel(cx * x[i] + cf * f[i]);
+  }
+}
+
 // The normals of groups g0 .. g0 + ng - 1 (4 per group) into out. One group per iteration with no
 // branches or calls (Philox rounds unrolled, log/sincos polynomials of scm/math.h), so the compiler
 // vectorizes across groups.
@@ -152,8 +162,10 @@ at::Tensor trigflow_step_cpu(const at::Tensor& x_t, const at::Tensor& F, const a
         }
         if (f32_in) {  // fp32 inputs, uint8 pixels out
           const float* ep = noise_mode == 1 ? reinterpret_cast<const float*>(nr) + k : nb;
-          mix_f32(reinterpret_cast<const float*>(xr) + k, reinterpret_cast<const float*>(fr) + k,
-                  noise_mode == 1 || noise_mode == 2 ? ep : nullptr, cx, cf, ce, n, ob);
+          mix_pixels(reinterpret_cast<const float*>(xr) + k, reinterpret_cast<const float*>(fr) + k,
+                     noise_mode == 1 || noise_mode == 2 ? ep : nullptr, cx, cf, ce, n,
+                     reinterpret_cast<uint8_t*>(orow) + k);
+          continue;
         } else {
           load_f32(xr + k * x_t.element_size(), xd, n, xb);
           load_f32(fr + k * F.element_size(), fd, n, fb);
