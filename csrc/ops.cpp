@@ -31,7 +31,9 @@ TORCH_LIBRARY(scm, m) {
   m.def("time_embedding_backward(Tensor grad, Tensor t, int dim, float max_period, float time_scale, "
         "Tensor? freqs, bool need_dfreqs) -> (Tensor, Tensor)");
 
-  // trigflow_step (A23): out = cx*x_t + cf*F + ce*eps per sample (see scm::trig_coef).
+  // trigflow_step (A23): out = cx*x_t + cf*F + ce*eps per sample (see scm::trig_coef). Besides (B, D)
+  // views it takes contiguous (B, ...) tensors of one shape (samples of numel / B elements); the
+  // output has x_t's shape.
   // noise_mode: 0 denoise only (t_next unused), 1 renoise with `noise`, 2 renoise with Philox
   // normals keyed by `seed`, 3 renoise with zero noise. Output: x_t's dtype, or uint8 pixels.
   m.def("trigflow_step(Tensor x_t, Tensor F, Tensor t, Tensor? t_next, Tensor? noise, float sigma_d, "

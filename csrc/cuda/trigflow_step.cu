@@ -121,6 +121,20 @@ void check_rows(const at::Tensor& x, const char* name, int64_t B, int64_t D) {
   TORCH_CHECK(D <= 1 || x.stride(1) == 1, "trigflow_step: ", name, " must have inner stride 1, got ", x.stride(1));
 }
 
+// x_t, F, noise: a (B, D) view with inner stride 1 and a free row stride, or a contiguous tensor of
+// x_t's shape (B, ...) whose samples are rows of D = numel / B elements. The output has x_t's shape.
+void check_samples(const at::Tensor& x, const at::Tensor& ref, const char* name) {
+  if (x.dim() == 2 && ref.dim() == 2) {
+    check_rows(x, name, ref.size(0), ref.size(1));
+    return;
+  }
+  TORCH_CHECK(x.is_cuda(), "trigflow_step: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.sizes() == ref.sizes(), "trigflow_step: ", name, " must have shape ", ref.sizes(), ", got ",
+              x.sizes());
+  TORCH_CHECK(x.is_contiguous() && ref.is_contiguous(), "trigflow_step: ", name,
+              ": tensors other than (B, D) views must be contiguous");
+}
+
 void check_times(const at::Tensor& t, const char* name, int64_t B) {
   TORCH_CHECK(t.is_cuda(), "trigflow_step: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "trigflow_step: ", name, " must have shape (", B, "), got ", t.sizes());
@@ -134,10 +148,10 @@ dim3 grid_for(int64_t B, int64_t D) {
 at::Tensor trigflow_step_cuda(const at::Tensor& x_t, const at::Tensor& F, const at::Tensor& t,
                               const std::optional<at::Tensor>& t_next, const std::optional<at::Tensor>& noise,
                               double sigma_d, int64_t seed, int64_t noise_mode, bool out_uint8) {
-  TORCH_CHECK(x_t.dim() == 2, "trigflow_step: x_t must be a (B, D) view, got ", x_t.sizes());
-  const int64_t B = x_t.size(0), D = x_t.size(1);
-  check_rows(x_t, "x_t", B, D);
-  check_rows(F, "F", B, D);
+  TORCH_CHECK(x_t.dim() >= 1, "trigflow_step: x_t must have a batch dim, got ", x_t.sizes());
+  const int64_t B = x_t.size(0), D = B > 0 ? x_t.numel() / B : 0;
+  check_samples(x_t, x_t, "x_t");
+  check_samples(F, x_t, "F");
   check_times(t, "t", B);
   TORCH_CHECK(noise_mode >= 0 && noise_mode <= 3, "trigflow_step: noise_mode must be 0..3, got ", noise_mode);
   if (noise_mode != 0) {
@@ -146,12 +160,12 @@ at::Tensor trigflow_step_cuda(const at::Tensor& x_t, const at::Tensor& F, const 
   }
   if (noise_mode == 1) {
     TORCH_CHECK(noise.has_value(), "trigflow_step: noise_mode 1 needs noise");
-    check_rows(*noise, "noise", B, D);
+    check_samples(*noise, x_t, "noise");
   }
   TORCH_CHECK(!out_uint8 || noise_mode == 0, "trigflow_step: out_uint8 is for the last step (noise_mode 0)");
   TORCH_CHECK(seed >= 0, "trigflow_step: seed must be >= 0, got ", seed);
   c10::cuda::CUDAGuard guard(x_t.device());
-  at::Tensor out = at::empty({B, D}, x_t.options().dtype(out_uint8 ? at::kByte : x_t.scalar_type()));
+  at::Tensor out = at::empty(x_t.sizes(), x_t.options().dtype(out_uint8 ? at::kByte : x_t.scalar_type()));
   if (B == 0 || D == 0) return out;
   FwdArgs a;
   a.x = x_t.const_data_ptr();

@@ -25,6 +25,7 @@ from scm_kernels import _autograd
 _TrigflowStepTraceable = _autograd.traceable(TrigflowStepFunction)  # the Function as torch.compile traces it
 
 _OP = "scm_kernels.trigflow_step"
+_SCHEMA_OP = torch.ops.scm.trigflow_step.default if _backend.extension_available() else None
 SEED_LIMIT = 2**63
 
 
@@ -94,6 +95,10 @@ def trigflow_step(x_t: torch.Tensor, F: torch.Tensor, t, sigma_d: float = 0.5, *
     args = (x_base, F_m, t32, s32, n_m, sigma_d, seed or 0, mode, out_uint8, name)
     if _needs_autograd(x_base, F_m, t32, s32, n_m):
         return _autograd.apply(TrigflowStepFunction, _TrigflowStepTraceable, *args)
+    if name != "triton" and x_base.is_contiguous() and F_m.is_contiguous() and (n_m is None or n_m.is_contiguous()):
+        # The sampler's common case: contiguous tensors, nothing to differentiate. The schema op takes
+        # them as they are (rows of numel / B elements) and returns x_t's shape: no views to build.
+        return _SCHEMA_OP(x_base, F_m, t32, s32, n_m, sigma_d, seed or 0, mode, out_uint8)
     return TrigflowStepFunction.forward(*args)  # no derivative can be asked for: skip the Function
 
 

@@ -467,6 +467,30 @@ def test_opcheck_schema_ops():
         torch.library.opcheck(bop, args)
 
 
+@pytest.mark.cpu
+@pytest.mark.skipif(not scm_backend.extension_available(), reason="scm_kernels._C not built")
+def test_schema_op_takes_contiguous_nd_tensors():
+    """The fast path passes contiguous (B, ...) tensors straight to the schema op: the same numbers
+    as the (B, D) views, x_t's shape out, and non-contiguous N-d inputs refused."""
+    import scm_kernels.trigflow_step.function  # noqa: F401  (registers the fake impls)
+
+    op = torch.ops.scm.trigflow_step.default
+    x, F, n = torch.randn(3, 2, 5, 7), torch.randn(3, 2, 5, 7, dtype=torch.bfloat16), torch.randn(3, 2, 5, 7)
+    t, s = torch.rand(3), torch.rand(3)
+    for args in [(x, F, t, None, None, SIG, 0, 0, False), (x, F, t, None, None, SIG, 0, 0, True),
+                 (x, F, t, s, n, SIG, 0, 1, False), (x, F, t, s, None, SIG, 11, 2, False)]:
+        out = op(*args)
+        flat = op(args[0].view(3, -1), args[1].view(3, -1), *args[2:4],
+                  None if args[4] is None else args[4].view(3, -1), *args[5:])
+        assert out.shape == x.shape
+        assert torch.equal(out.view(3, -1), flat)
+        torch.library.opcheck(op, args)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(x.transpose(2, 3), F.transpose(2, 3), t, None, None, SIG, 0, 0, False)
+    with pytest.raises(RuntimeError, match="must have shape"):
+        op(x, F[:, :1], t, None, None, SIG, 0, 0, False)
+
+
 @pytest.mark.static
 def test_aot_specs_cover_the_launchers():
     from scm_kernels.trigflow_step import triton_kernels as tk
