@@ -161,7 +161,14 @@ at::Tensor trigflow_step_cpu(const at::Tensor& x_t, const at::Tensor& F, const a
       const char* fr = row_ptr(F, b);
       const char* nr = noise_mode == 1 ? row_ptr(*noise, b) : nullptr;
       char* orow = static_cast<char*>(out.mutable_data_ptr()) + b * D * out.element_size();
-      for (int64_t k = (w % nchunk) * kGrain; k < k_end; k += kChunk) {
+      const int64_t k_begin = (w % nchunk) * kGrain;
+      if (all_f32 && noise_mode != 2) {  // fp32, no generated noise: one pass over the whole task
+        const float* ep = noise_mode == 1 ? reinterpret_cast<const float*>(nr) + k_begin : nullptr;
+        mix_f32(reinterpret_cast<const float*>(xr) + k_begin, reinterpret_cast<const float*>(fr) + k_begin, ep,
+                cx, cf, ce, k_end - k_begin, reinterpret_cast<float*>(orow) + k_begin);
+        continue;
+      }
+      for (int64_t k = k_begin; k < k_end; k += kChunk) {
         const int64_t n = std::min(kChunk, k_end - k);
         if (noise_mode == 2) philox_fill(useed, static_cast<uint64_t>(b) * D + k, n, nb);
         if (all_f32) {  // same-dtype fp32: no conversion buffers
