@@ -95,14 +95,10 @@ def format_table(rows: list[dict]) -> str:
         if prev is not None and group != prev:
             lines.append(None)  # separator
         prev = group
+        key = [r["mode"], r["variant"], r["shape"], r["dtype"], r["provider"], r["backend"]]
         if r["status"] != "ok":
             cells = [
-                r["mode"],
-                r["variant"],
-                r["shape"],
-                r["dtype"],
-                r["provider"],
-                r["backend"],
+                *key,
                 "n/a",
                 "",
                 "",
@@ -117,12 +113,7 @@ def format_table(rows: list[dict]) -> str:
             if r["mem_source"] == "analytic" and mem:
                 mem += "*"
             cells = [
-                r["mode"],
-                r["variant"],
-                r["shape"],
-                r["dtype"],
-                r["provider"],
-                r["backend"],
+                *key,
                 _num(r["ms_p50"], ".4f"),
                 f"{r['ms_p20']:.4f}-{r['ms_p80']:.4f}",
                 _num(r["gbps"], ".1f"),
