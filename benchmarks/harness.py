@@ -113,6 +113,18 @@ class Unavailable(Exception):
 # ---------------------------------------------------------------------------------------------
 # Declarations of a bench file
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """An extra provider of a case. fn(**inputs) -> tensor is its forward (measured like `eager` in
+    every mode of `modes`); jvp(primals, tangents) -> (out, tangent), when given, replaces
+    torch.func.jvp(fn) in mode jvp (an explicit primal+tangent function). backend: the name shown."""
+
+    fn: Callable[..., torch.Tensor] | None
+    modes: tuple[str, ...] = MODES
+    jvp: Callable[[tuple, tuple], Any] | None = None
+    backend: str = "torch"
+
+
 @dataclasses.dataclass
 class Case:
     """One benchmark case of an op: a shape and dtype, measured in several modes and providers.
@@ -121,7 +133,8 @@ class Case:
     take them as keyword arguments and return one tensor. `diff` names the inputs that carry
     gradients/tangents (bwd, fwd+bwd, jvp). bytes(mode, inputs) -> minimal bytes of that mode;
     flops(mode, inputs) -> FLOPs or None. copy_like names the input whose same-size copy is the
-    bandwidth baseline (or a function of the inputs returning such a tensor)."""
+    bandwidth baseline (or a function of the inputs returning such a tensor). baselines: extra
+    providers of this case (name -> Baseline), e.g. torch's SDPA under one backend."""
 
     op: str
     variant: str
@@ -135,6 +148,8 @@ class Case:
     diff: tuple[str, ...] = ()
     flops: Callable[[str, dict[str, torch.Tensor]], int | None] | None = None
     copy_like: str | Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    baselines: dict[str, Baseline] = dataclasses.field(default_factory=dict)
+    max_repeats: int | None = None  # CPU: cap on the timed repeats (cases whose baselines take seconds)
 
     def copy_source(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tensor whose copy is the bandwidth baseline (an input, or one the size of the output)."""
@@ -171,9 +186,12 @@ class Case:
 class Target:
     """A performance target from the issue, checked on the `scm` provider.
 
-    kind: "x_eager" (eager time / scm time >= threshold), "x_compile" (same against compile), or
-    "copy_bw" (scm GB/s / copy GB/s >= threshold). A target applies to every measured case of the op
-    with this variant, mode and dtype (and shape, when given)."""
+    kind: "x_eager" (eager time / scm time >= threshold), "x_compile" (same against compile),
+    "copy_bw" (scm GB/s / copy GB/s >= threshold), "speedup" (time of provider `baseline` in mode
+    `baseline_mode` (default: the target's mode) / scm time >= threshold; e.g. 1/1.3 for "within
+    1.3x of torch"), or "memory" (peak memory of `baseline` / scm's >= threshold; needs measured
+    memory: --memory on CPU). A target applies to every measured case of the op with this variant,
+    mode and dtype (and shape, when given)."""
 
     text: str
     variant: str
@@ -182,6 +200,8 @@ class Target:
     kind: str
     threshold: float
     shape: str | None = None
+    baseline: str = ""
+    baseline_mode: str = ""
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -411,6 +431,11 @@ def provider_function(case: Case, provider: str, note: list[str]) -> tuple[Calla
         return case.reference, "reference"
     if provider == "compile":
         return case.reference, "compile"  # wrapped per mode by _compile_fn
+    if provider in case.baselines:
+        b = case.baselines[provider]
+        if b.fn is None:
+            raise Unavailable(f"{provider} has only an explicit jvp")
+        return b.fn, b.backend
     if provider == "scm" or provider.startswith("scm-"):
         from scm_kernels import backend as _backend
 
@@ -438,6 +463,8 @@ def backend_of(
     """The backend a provider runs on (the automatic choice resolved for the inputs' device)."""
     if provider == "copy":
         return "torch"
+    if provider in case.baselines:
+        return case.baselines[provider].backend
     name = provider_function(case, provider, [])[1]
     if name == "compile":
         return compile_backend
@@ -446,6 +473,13 @@ def backend_of(
 
         name = _backend.auto_backend(next(iter(inputs.values())).device)
     return name
+
+
+def jvp_inputs(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
+    """(primals, tangents) of mode jvp: the case's differentiable inputs and seeded random tangents."""
+    gen = torch.Generator(device=next(iter(inputs.values())).device).manual_seed(1234)
+    primals = tuple(inputs[k] for k in case.diff)
+    return primals, tuple(torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=gen) for p in primals)
 
 
 def make_callable(
@@ -460,6 +494,12 @@ def make_callable(
     what each mode times), and the backend name. Raises Unavailable when it cannot run."""
     if mode not in case.modes:
         raise Unavailable(f"mode {mode} not declared for this case")
+    base = case.baselines.get(provider)
+    if base is not None and mode not in base.modes:
+        raise Unavailable(f"{provider} is measured in modes {', '.join(base.modes)} only")
+    if base is not None and mode == "jvp" and base.jvp is not None:
+        primals, tangents = jvp_inputs(case, inputs)
+        return (lambda: base.jvp(primals, tangents)), base.backend
     if provider == "copy":
         if mode != "fwd":
             raise Unavailable("copy baseline is measured once per case (mode fwd)")
@@ -499,8 +539,7 @@ def make_callable(
 
     # jvp
     names = case.diff
-    primals = tuple(inputs[k] for k in names)
-    tangents = tuple(torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=gen) for p in primals)
+    primals, tangents = jvp_inputs(case, inputs)
 
     def of_diff(*xs):
         return f(**{**inputs, **dict(zip(names, xs))})
@@ -635,6 +674,13 @@ class Options:
     op_module: str = ""  # module of the bench file, for the --memory subprocess
     compile_backend: str = "inductor"  # torch.compile backend of the "compile" provider
     malloc_kept: bool = False  # CPU: glibc malloc told to keep freed memory (keep_freed_memory)
+    baselines: bool = True  # also measure each case's own baselines (Case.baselines)
+
+
+def case_providers(case: Case, opts: Options) -> list[str]:
+    """The providers measured for a case: the chosen ones, then the case's own baselines."""
+    extra = [p for p in case.baselines if opts.baselines and p not in opts.providers]
+    return list(opts.providers) + extra
 
 
 def _short(e: BaseException) -> str:
@@ -663,7 +709,7 @@ def run_case(
         mode_rows: dict[str, dict] = {}
         fns: dict[str, Callable[[], Any]] = {}
         notes: dict[str, list[str]] = {}
-        for provider in opts.providers:
+        for provider in case_providers(case, opts):
             if provider == "copy" and mode != "fwd":
                 continue
             note = notes[provider] = []
@@ -694,7 +740,8 @@ def run_case(
                 except Exception as e:  # noqa: BLE001
                     timings[provider] = e
         else:
-            timings = time_cpu_many(fns, repeats=opts.repeats, min_repeat_ms=opts.min_repeat_ms)
+            repeats = min(opts.repeats, case.max_repeats or opts.repeats)
+            timings = time_cpu_many(fns, repeats=repeats, min_repeat_ms=opts.min_repeat_ms)
         for provider, timing in timings.items():
             row, note, fn = mode_rows[provider], notes[provider], fns[provider]
             if isinstance(timing, Exception):
@@ -796,6 +843,22 @@ def evaluate_targets(targets: Sequence[Target], rows: list[dict]) -> list[Target
                     base = "eager" if tg.kind == "x_eager" else "compile"
                     out.append(TargetResult(tg, r["shape"], None, "SKIP", f"no {base} baseline in this run"))
                     continue
+            elif tg.kind in ("speedup", "memory"):
+                bmode = tg.baseline_mode or tg.mode
+                base = [c for c in rows if match(c, tg.baseline) and c["mode"] == bmode and c["shape"] == r["shape"]
+                        and c["status"] == "ok"]
+                if not base:
+                    out.append(TargetResult(tg, r["shape"], None, "SKIP", f"no {tg.baseline} {bmode} row in this run"))
+                    continue
+                if tg.kind == "speedup":
+                    value = base[0]["ms_p50"] / r["ms_p50"]
+                else:
+                    measured = [x for x in (base[0], r) if x["mem_source"] not in ("analytic", "n/a", "")]
+                    if len(measured) < 2:
+                        out.append(TargetResult(tg, r["shape"], None, "SKIP",
+                                                "memory not measured in this run (CPU: --memory)"))
+                        continue
+                    value = base[0]["mem_mb"] / max(r["mem_mb"], 1e-3)
             elif tg.kind == "copy_bw":
                 copy = [
                     c for c in rows if match(c, "copy") and c["shape"] == r["shape"] and c["status"] == "ok"

@@ -149,7 +149,9 @@ def format_targets(results: list[harness.TargetResult]) -> str:
     lines = []
     for tr in results:
         t = tr.target
-        unit = "of copy GB/s" if t.kind == "copy_bw" else ("x eager" if t.kind == "x_eager" else "x compile")
+        unit = {"copy_bw": "of copy GB/s", "x_eager": "x eager", "x_compile": "x compile",
+                "speedup": f"x ({t.baseline} {t.baseline_mode or t.mode} time / scm time)",
+                "memory": f"x ({t.baseline} peak memory / scm's)"}[t.kind]
         need = f"{t.threshold:.0%} {unit}" if t.kind == "copy_bw" else f"{t.threshold:.2f}{unit}"
         got = (
             "-"
@@ -183,7 +185,8 @@ def legend(opts: Options, env: dict[str, str]) -> str:
     head += f"  |  torch {env['torch']}  triton {env['triton']}  commit {env['git_commit']}"
     providers = f"providers: scm = scm_kernels op (automatic backend here: {auto}); eager = the op's PyTorch"
     providers += (
-        " reference; compile = torch.compile(reference); copy = same-size tensor copy (bandwidth baseline)"
+        " reference; compile = torch.compile(reference); copy = same-size tensor copy (bandwidth baseline);"
+        " other names: an op's own baselines (see its bench_<op>.py)"
     )
     modes = "modes:     fwd = forward (no grad); bwd = backward only (graph built once, timed with"
     modes += " retain_graph=True); fwd+bwd = forward + backward; jvp = torch.func.jvp"
@@ -235,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers",
         nargs="+",
         metavar="PROVIDER",
-        help="subset of scm, scm-<backend> (triton, cuda, cpu, reference), eager, compile, copy "
-        "(default: scm eager compile copy)",
+        help="subset of scm, scm-<backend> (triton, cuda, cpu, reference), eager, compile, copy, and the "
+        "ops' own baselines (bench_<op>.py BASELINES, e.g. attention's sdpa-math) "
+        "(default: scm eager compile copy + the ops' baselines)",
     )
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="subset of fp32, bf16, fp16")
     p.add_argument(
@@ -302,11 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         parser.error(f"--modes: unknown {bad}; expected a subset of {list(MODES)}")
+    ops = _split(args.ops) or available_ops()
+    mods = [load_op(name) for name in ops]
     if args.providers:
         providers = tuple(_split(args.providers))
-        bad = [p for p in providers if p not in harness.BASE_PROVIDERS and not p.startswith("scm-")]
+        extra = sorted({b for mod in mods for b in getattr(mod, "BASELINES", ())})
+        bad = [p for p in providers if p not in harness.BASE_PROVIDERS + tuple(extra) and not p.startswith("scm-")]
         if bad:
-            parser.error(f"--providers: unknown {bad}; expected scm, scm-<backend>, eager, compile, copy")
+            parser.error(f"--providers: unknown {bad}; expected scm, scm-<backend>, eager, compile, copy"
+                         + (f" or a baseline of the chosen ops ({', '.join(extra)})" if extra else ""))
     else:
         providers = tuple(p for p in harness.BASE_PROVIDERS if not (args.quick and p == "compile"))
     dtypes = _split(args.dtypes)
@@ -317,9 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else FULL_REPEATS)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1, got {repeats}")
-    ops = _split(args.ops) or available_ops()
-    mods = [load_op(name) for name in ops]
-
     if args.list:
         for mod in mods:
             try:
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         memory=args.memory,
         compile_backend=args.compile_backend,
+        baselines=not args.providers,  # an explicit --providers list is the whole list
     )
     if device.type == "cpu":
         opts.malloc_kept = harness.keep_freed_memory()

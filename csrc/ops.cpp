@@ -52,4 +52,24 @@ TORCH_LIBRARY(scm, m) {
   // Per-sample sum((F - F_minus - g/(||g||+c)) * F_dot) (B,) f32, for the tangent F_dot.
   m.def("scm_loss_jvp(Tensor F_dot, Tensor F, Tensor J, Tensor x_t, Tensor dxt_dt, Tensor t, "
         "Tensor? F_minus, Tensor gnorm, float sigma_d, float r, float c) -> Tensor");
+
+  // attention (A24-A27), flash-style, O(N) memory. q (B,Hq,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) of one
+  // dtype, stride(-1) == 1, other strides free; Hq % Hkv == 0 (GQA: query head h reads kv head
+  // h / (Hq/Hkv)). mask: None or an expanded (B,Hq,Nq,Nk) view, bool (true = attend) or float32
+  // (additive). is_causal: key j visible to query i iff j <= i. Fully masked rows give 0, lse = +inf.
+  // out/out_tangent: (B,Nq,Hq,Dv) memory viewed as (B,Hq,Nq,Dv); lse, mu: (B,Hq,Nq) float32.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) "
+        "-> (Tensor, Tensor)");
+  // (A26) gradients (dq, dk, dv); dk, dv summed over the query heads of each kv head.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // (A25) primal and tangent in one pass: (out, out_tangent, lse, mu = rowsum(P * S_dot)); a None
+  // tangent is zero.
+  m.def("attention_jvp(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor? mask, "
+        "bool is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (A27) reverse mode through attention_jvp for upstream (grad_out, grad_out_tangent), either None:
+  // (dq, dk, dv, dtq, dtk, dtv); dtq/dtk/dtv are None when the matching tangent is None.
+  m.def("attention_jvp_bwd(Tensor? grad_out, Tensor? grad_out_tangent, Tensor q, Tensor k, Tensor v, "
+        "Tensor? tq, Tensor? tk, Tensor? tv, Tensor out, Tensor out_tangent, Tensor lse, Tensor mu, "
+        "Tensor? mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)");
 }

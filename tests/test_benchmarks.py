@@ -185,6 +185,56 @@ def test_run_case_rows_ratios_and_failures():
     assert bad["scm"]["x_eager"] == "" and bad["eager"]["status"] == "ok"
 
 
+def test_case_baselines_modes_explicit_jvp_and_max_repeats():
+    """Case.baselines add providers (in their modes only; an explicit jvp replaces torch.func.jvp);
+    max_repeats caps the repeats; an explicit provider list (baselines=False) leaves them out."""
+    calls = []
+
+    def explicit(primals, tangents):
+        calls.append(len(primals))
+        return _affine(primals[0]), 2.0 * tangents[0]
+
+    case = _dummy_case()
+    case.baselines = {"slow": harness.Baseline(lambda x: _affine(x).exp().log(), modes=("fwd", "jvp")),
+                      "direct": harness.Baseline(None, modes=("jvp",), jvp=explicit, backend="mine")}
+    case.max_repeats = 2
+    rows = harness.run_case(case, _opts(providers=("eager",)))
+    by = {(r["mode"], r["provider"]): r for r in rows}
+    assert by[("fwd", "slow")]["status"] == by[("jvp", "slow")]["status"] == "ok"
+    assert by[("bwd", "slow")]["status"] == "n/a" and "modes fwd, jvp only" in by[("bwd", "slow")]["note"]
+    assert by[("jvp", "direct")]["status"] == "ok" and by[("jvp", "direct")]["backend"] == "mine" and calls
+    assert by[("fwd", "direct")]["status"] == "n/a"
+    assert all(r["repeats"] == 2 for r in rows if r["status"] == "ok")
+    assert by[("jvp", "slow")]["x_eager"] == pytest.approx(by[("jvp", "eager")]["ms_p50"] / by[("jvp", "slow")]["ms_p50"])
+    only = harness.run_case(case, _opts(providers=("eager",), baselines=False, modes=("fwd",)))
+    assert {r["provider"] for r in only} == {"eager"}
+
+
+def test_speedup_and_memory_targets():
+    def row(provider, mode, ms, mem, source="rss"):
+        r = {c: "" for c in CSV_COLUMNS}
+        r.update(op="o", variant="v", mode=mode, dtype="fp32", shape="8", provider=provider, status="ok",
+                 ms_p50=ms, mem_mb=mem, mem_source=source)
+        return r
+
+    rows = [row("scm", "jvp", 3.0, 10.0), row("eager", "fwd", 1.0, 5.0), row("math", "jvp", 15.0, 400.0)]
+    targets = [
+        Target("jvp <= 3.5x fwd", "v", "jvp", "fp32", "speedup", 1 / 3.5, baseline="eager", baseline_mode="fwd"),
+        Target("jvp <= 2x fwd", "v", "jvp", "fp32", "speedup", 1 / 2, baseline="eager", baseline_mode="fwd"),
+        Target("4x math", "v", "jvp", "fp32", "speedup", 4.0, baseline="math"),
+        Target("mem 20x", "v", "jvp", "fp32", "memory", 20.0, baseline="math"),
+        Target("mem 50x", "v", "jvp", "fp32", "memory", 50.0, baseline="math"),
+        Target("no such", "v", "jvp", "fp32", "speedup", 1.0, baseline="other"),
+    ]
+    res = harness.evaluate_targets(targets, rows)
+    assert [r.status for r in res] == ["PASS", "FAIL", "PASS", "PASS", "FAIL", "SKIP"]
+    assert res[0].value == pytest.approx(1 / 3) and res[2].value == pytest.approx(5.0)
+    assert res[3].value == pytest.approx(40.0)
+    analytic = [row("scm", "jvp", 3.0, 10.0, "analytic"), rows[2]]
+    res = harness.evaluate_targets(targets[3:4], analytic)
+    assert res[0].status == "SKIP" and "--memory" in res[0].why
+
+
 def test_csv_rows_have_every_column_and_append(tmp_path):
     rows = harness.run_case(_dummy_case(modes=("fwd",)), _opts(providers=("eager", "copy")))
     results = tmp_path / "results"  # created on demand
@@ -409,20 +459,24 @@ def test_bench_file_declarations_and_byte_formulas(op):
     mod = importlib.import_module(f"benchmarks.bench_{op}")
     assert mod.OP == op
     for t in mod.TARGETS:
-        assert t.kind in ("x_eager", "x_compile", "copy_bw") and t.mode in harness.MODES
+        assert t.kind in ("x_eager", "x_compile", "copy_bw", "speedup", "memory") and t.mode in harness.MODES
+        assert bool(t.baseline) == (t.kind in ("speedup", "memory"))
     try:
         cases = mod.cases(torch.device("cpu"), quick=True)
+        declared = [c for dev in ("cpu", "cuda") for quick in (False, True)
+                    for c in mod.cases(torch.device(dev), quick=quick)]  # Cases build no tensors
     except harness.Unavailable as e:
         pytest.skip(f"{op} not available yet: {e}")
     assert cases and all(c.op == op for c in cases)
     assert len({c.key for c in cases}) == len(cases)
-    for t in mod.TARGETS:  # every target names a case that exists
+    for t in mod.TARGETS:  # every target names a case (of some device and size) and a provider that exist
         assert any(
             c.variant == t.variant
             and c.dtype_str == t.dtype
             and t.mode in c.modes
             and (t.shape is None or c.shape_str == t.shape)
-            for c in cases
+            and (t.baseline in ("", "eager", "compile") or t.baseline in c.baselines)
+            for c in declared
         ), t
     for c in cases:
         inputs = c.make_inputs(torch.device("cpu"))

@@ -1,0 +1,170 @@
+"""autograd Functions of attention over the kernel backends.
+
+`AttentionFunction` (q, k, v, mask, is_causal, scale, name, precision) -> (out, lse)
+    forward   one flash-attention pass, lse (B, Hq, Nq) float32 saved (non-differentiable output)
+    backward  (A26) from the saved out and lse: (dq, dk, dv)
+    jvp       (A25) the fused primal+tangent kernel on the saved inputs: out_tangent. The primal it
+              recomputes on the way is dropped: forward-mode AD has already returned the forward's.
+
+`AttentionJvpFunction` (q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision)
+        -> (out, out_tangent, lse, mu)
+    forward   the fused kernel (A25), lse and mu = rowsum(P * S_dot) saved (non-differentiable)
+    backward  (A27) reverse mode through both outputs, to q, k, v and the tangents (the gradient
+              of a loss that depends on out_tangent, e.g. an sCM loss differentiated through J).
+
+Tensors reach the kernels with inner stride 1 (the public function ensures it for inputs; the
+gradients and tangents autograd hands over are fixed here). mask is an expanded (B, Hq, Nq, Nk)
+view, bool or additive float, and has no derivative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scm_kernels import backend
+
+
+def inner(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x with inner stride 1: a copy only for tensors that lack it (e.g. expanded zero tangents); a
+    last dim of size 1 only gets its stride relabelled."""
+    if x is None or x.stride(-1) == 1:
+        return x
+    if x.shape[-1] == 1:
+        return x.as_strided(x.shape, x.stride()[:-1] + (1,), x.storage_offset())
+    return x.contiguous()
+
+
+def _triton():
+    from scm_kernels.attention import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
+
+    return torch.ops.scm_triton
+
+
+# backend name -> launcher(*schema args, precision); the C++ ops dispatch on the tensors' device.
+def _fwd(name, *args, precision):
+    if name == "triton":
+        return _triton().attention_fwd(*args, precision)
+    return torch.ops.scm.attention_fwd(*args)
+
+
+def _bwd(name, *args, precision):
+    if name == "triton":
+        return _triton().attention_bwd(*args, precision)
+    return torch.ops.scm.attention_bwd(*args)
+
+
+def _jvp(name, *args, precision):
+    if name == "triton":
+        return _triton().attention_jvp(*args, precision)
+    return torch.ops.scm.attention_jvp(*args)
+
+
+def _jvp_bwd(name, *args, precision):
+    if name == "triton":
+        return _triton().attention_jvp_bwd(*args, precision)
+    return torch.ops.scm.attention_jvp_bwd(*args)
+
+
+def out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An empty (B, Hq, Nq, Dv) output stored as (B, Nq, Hq, Dv) (torch's flash-attention layout)."""
+    B, H, N, _ = q.shape
+    return q.new_empty((B, N, H, v.shape[-1])).transpose(1, 2)
+
+
+def stats(q: torch.Tensor) -> torch.Tensor:
+    """An empty per-row statistic (lse, mu): (B, Hq, Nq) float32."""
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def grads_like(*xs):
+    """Empty gradients shaped like xs (None for None), in their layouts (what the backward kernels return)."""
+    return tuple(None if x is None else torch.empty_like(x) for x in xs)
+
+
+def _detached(tensors):
+    return tuple(x.detach() if x is not None else None for x in tensors)
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, mask, is_causal, scale, name, precision):
+        return _fwd(name, q, k, v, mask, is_causal, scale, precision=precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale, name, precision = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.save_for_forward(q, k, v, mask)
+        ctx.consts = (bool(is_causal), float(scale), name, precision)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, mask = _detached(ctx.saved_tensors)
+        is_causal, scale, name, precision = ctx.consts
+        dq, dk, dv = _bwd(name, inner(grad_out.detach()), q, k, v, out, lse, mask, is_causal, scale,
+                          precision=precision)
+        return dq, dk, dv, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):
+        q, k, v, mask = _detached(ctx.saved_tensors)
+        is_causal, scale, name, precision = ctx.consts
+        _, out_tangent, _, _ = _jvp(name, q, k, v, inner(tq), inner(tk), inner(tv), mask, is_causal, scale,
+                                    precision=precision)
+        return out_tangent, None
+
+
+class AttentionJvpFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision):
+        return _jvp(name, q, k, v, tq, tk, tv, mask, is_causal, scale, precision=precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision = inputs
+        out, out_tangent, lse, mu = output
+        ctx.mark_non_differentiable(lse, mu)
+        ctx.set_materialize_grads(False)  # an unused output gives None: the kernel skips its work
+        ctx.save_for_backward(q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask)
+        ctx.consts = (bool(is_causal), float(scale), name, precision)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
+        saved = _detached(ctx.saved_tensors)
+        q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = saved
+        is_causal, scale, name, precision = ctx.consts
+        if grad_out is None and grad_out_tangent is None:
+            return (None,) * 11
+        grads = _jvp_bwd(name, inner(grad_out), inner(grad_out_tangent), q, k, v, tq, tk, tv, out, out_tangent,
+                         lse, mu, mask, is_causal, scale, precision=precision)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "scm_kernels.attention_jvp: forward-mode AD through attention_jvp (a second-order tangent) is not "
+            "implemented; differentiate scm_kernels.attention with torch.func.jvp instead, or use backend='reference'")
+
+
+# Fake (meta) implementations so that torch.compile can trace the schema ops (absent from an
+# extension built before attention existed: then the cpu backend reports the op missing).
+if backend.extension_available() and hasattr(torch.ops.scm, "attention_fwd"):
+
+    @torch.library.register_fake("scm::attention_fwd")
+    def _attention_fwd_fake(q, k, v, mask, is_causal, scale):
+        return out_like(q, v), stats(q)
+
+    @torch.library.register_fake("scm::attention_bwd")
+    def _attention_bwd_fake(grad_out, q, k, v, out, lse, mask, is_causal, scale):
+        return grads_like(q, k, v)
+
+    @torch.library.register_fake("scm::attention_jvp")
+    def _attention_jvp_fake(q, k, v, tq, tk, tv, mask, is_causal, scale):
+        return out_like(q, v), out_like(q, v), stats(q), stats(q)
+
+    @torch.library.register_fake("scm::attention_jvp_bwd")
+    def _attention_jvp_bwd_fake(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask,
+                                is_causal, scale):
+        return grads_like(q, k, v, tq, tk, tv)
