@@ -22,8 +22,16 @@ def apply(fn_cls: type[torch.autograd.Function], traceable_cls: type[torch.autog
     Function uses setup_context (tens of microseconds, more than a small kernel). Our Functions take
     only positional arguments without defaults, so outside torch.func transforms and torch.compile
     this goes straight to the C++ apply that Function.apply ends in; inside them it is the usual
-    apply (torch.compile: the jvp-free traceable_cls)."""
+    apply (torch.compile: the jvp-free traceable_cls; a torch.func transform traced by torch.compile is
+    refused with a RuntimeError)."""
     if torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            # dynamo drops custom JVP rules (pytorch issue 192985): a traced torch.func.jvp returned a
+            # zero tangent, silently. Eager transforms of a compiled model are fine (dynamo falls back).
+            raise RuntimeError(
+                f"scm_kernels ({fn_cls.__name__}): torch.func.jvp (or another torch.func transform) traced inside "
+                "torch.compile is not supported: dynamo drops custom JVP rules (pytorch issue 192985) and would "
+                "return wrong tangents. Call torch.func.jvp outside the compiled function.")
         return traceable_cls.apply(*args)
     if torch._C._are_functorch_transforms_active():
         return fn_cls.apply(*args)

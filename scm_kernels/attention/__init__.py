@@ -114,9 +114,14 @@ def _check_mask(op, mask, q, k):
     return mask
 
 
+@torch.compiler.assume_constant_result  # read once while tracing (dynamo cannot trace the getter)
+def _matmul_precision() -> str:
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def _default_precision(precision, op):
     if precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return _matmul_precision()
     return _checks.choice(precision, "precision", op, PRECISIONS)
 
 
@@ -154,14 +159,6 @@ def _kernel_args(c: _Call):
     return inner(c.q), inner(c.k), inner(c.v), mask
 
 
-def _no_compiled_jvp(op: str) -> None:
-    """Refuse forward-mode AD under torch.compile: dynamo drops custom JVP rules (wrong tangents)."""
-    if torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-        raise RuntimeError(f"{op}: forward-mode AD (torch.func.jvp) of a torch.compile'd function is not supported: "
-                           "dynamo drops custom JVP rules (pytorch issue 192985) and would return wrong tangents. "
-                           "Call torch.func.jvp on the uncompiled model.")
-
-
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -188,7 +185,6 @@ def attention(
     c = _prepare(OP, query, key, value, attn_mask, is_causal, scale, enable_gqa, backend, precision)
     if c.name == "reference":
         return reference.attention(c.q, c.k, c.v, c.mask, c.is_causal, c.scale, c.gqa)
-    _no_compiled_jvp(OP)
     q, k, v, mask = _kernel_args(c)
     out, _ = _autograd.apply(AttentionFunction, _AttentionTraceable, q, k, v, mask, c.is_causal, c.scale, c.name,
                              c.precision)

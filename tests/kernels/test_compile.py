@@ -48,3 +48,74 @@ def test_scm_loss_compiles():
     t, lv = torch.rand(4) + 0.1, torch.randn(4, 1, requires_grad=True)
     _compare(lambda F, J, x, dx, t, lv: scm_kernels.scm_loss(F, J, x, dx, t, lv, backend="cpu"),
              (F, J, x, dx, t, lv), [F, lv])
+
+
+def test_attention_compiles():
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k = torch.randn(2, 2, 11, 8, requires_grad=True)
+    v = torch.randn(2, 2, 11, 5, requires_grad=True)
+    mask = torch.rand(2, 1, 9, 11) > 0.2
+    _compare(lambda q, k, v: scm_kernels.attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True,
+                                                   backend="cpu"), (q, k, v), [q, k, v])
+
+
+def test_attention_jvp_compiles():
+    q, k, v = (torch.randn(1, 2, 7, 8, requires_grad=True) for _ in range(3))
+    tq, tk, tv = (torch.randn(1, 2, 7, 8, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v, tq, tk, tv):
+        out, tan = scm_kernels.attention_jvp(q, k, v, tq, tk, tv, backend="cpu")
+        return out + 0.5 * tan
+
+    _compare(f, (q, k, v, tq, tk, tv), [q, k, v, tq, tk, tv])
+
+
+@pytest.mark.parametrize("where", ["jvp inside compile", "compile inside jvp"])
+def test_attention_compiled_jvp_is_correct_or_refused(where):
+    """Dynamo drops custom JVP rules (pytorch issue 192985): a JVP through a compiled call must give the
+    eager tangent or raise a clear error, never a silently wrong tangent."""
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    tq, tk, tv = (torch.randn(1, 2, 6, 8) for _ in range(3))
+
+    def f(q, k, v):
+        return scm_kernels.attention(q, k, v, backend="cpu").sin()
+
+    want = torch.func.jvp(f, (q, k, v), (tq, tk, tv))[1]
+    torch._dynamo.reset()
+    try:
+        if where == "jvp inside compile":
+            got = torch.compile(lambda *a: torch.func.jvp(f, a[:3], a[3:])[1], backend="aot_eager")(q, k, v, tq, tk, tv)
+        else:
+            got = torch.func.jvp(torch.compile(f, backend="aot_eager"), (q, k, v), (tq, tk, tv))[1]
+    except Exception as e:  # noqa: BLE001 - refusing is allowed; the message must say why
+        msg = str(e)
+        assert "forward" in msg.lower() or "jvp" in msg.lower(), msg
+        return
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _loss_of_F(F):
+    shape = F.shape
+    g = torch.Generator().manual_seed(0)
+    J, x, dx = (torch.randn(shape, generator=g) for _ in range(3))
+    return scm_kernels.scm_loss(F, J, x, dx, torch.tensor([0.3, 0.9]), backend="cpu")
+
+
+@pytest.mark.parametrize("fn", [
+    _loss_of_F,
+    lambda t: scm_kernels.time_embedding(t.sum(-1), 8, backend="cpu"),
+    lambda x: scm_kernels.trigflow_step(x, x.cos(), torch.tensor([0.3, 0.9]), backend="cpu"),
+], ids=["scm_loss", "time_embedding", "trigflow_step"])
+def test_other_ops_compiled_jvp_is_correct_or_refused(fn):
+    """The guard in scm_kernels._autograd.apply covers every op; where dynamo falls back to eager
+    under the transform, the tangent must be the eager one."""
+    x, tx = torch.rand(2, 3) + 0.1, torch.randn(2, 3)
+    want = torch.func.jvp(fn, (x,), (tx,))[1]
+    assert want.abs().max() > 0
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(lambda a, b: torch.func.jvp(fn, (a,), (b,))[1], backend="aot_eager")(x, tx)
+    except Exception as e:  # noqa: BLE001
+        assert "traced inside torch.compile is not supported" in str(e), str(e)
+        return
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
