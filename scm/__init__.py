@@ -1,5 +1,22 @@
 """scm: training and inference of continuous-time consistency models (sCT, sCD) on the fused ops of
-scm_kernels. The TrigFlow utilities, losses, networks, samplers and the training loop are built in
-later stages (see the project's issues); this package currently holds only its version."""
+scm_kernels. Formulas are labelled as in shared/docs/algorithm.md (A1...A30).
+
+- scm.trigflow: the TrigFlow parameterization (A1-A9), EDM and flow-matching teachers as TrigFlow F.
+- scm.losses: the TrigFlow diffusion loss (A4) and the sCT / sCD loss of Algorithm 1 (A12-A18).
+- scm.sampling: consistency samplers (A20-A23) and teacher ODE samplers (DDIM A7, DPM-Solver-2, Heun).
+The networks (U-Net, DiT) and the training loop come in later stages (see the project's issues).
+"""
+
+from scm import losses, sampling, trigflow
+from scm.losses import AdaptiveWeighting, SCMLoss, SCMLossOutput, TrigFlowDiffusionLoss
+from scm.sampling import (ConsistencySamplerGraph, sample_consistency, sample_ddim, sample_dpm2, sample_heun,
+                          sample_onestep, sample_twostep)
+from scm.trigflow import TIME_PROPOSALS, TimeProposal, time_proposal
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "TIME_PROPOSALS", "AdaptiveWeighting", "ConsistencySamplerGraph", "SCMLoss", "SCMLossOutput", "TimeProposal",
+    "TrigFlowDiffusionLoss", "__version__", "losses", "sample_consistency", "sample_ddim", "sample_dpm2",
+    "sample_heun", "sample_onestep", "sample_twostep", "sampling", "time_proposal", "trigflow",
+]
