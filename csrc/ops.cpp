@@ -72,4 +72,27 @@ TORCH_LIBRARY(scm, m) {
   m.def("attention_jvp_bwd(Tensor? grad_out, Tensor? grad_out_tangent, Tensor q, Tensor k, Tensor v, "
         "Tensor? tq, Tensor? tk, Tensor? tv, Tensor out, Tensor out_tangent, Tensor lse, Tensor mu, "
         "Tensor? mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)");
+
+  // group_norm (A28-A30): y = act((GN(x) * weight + bias) * scale + shift). x (N, C, S) view (S = spatial
+  // size), channels-first (stride(2) == 1, stride(1) == S) or channels-last (stride(1) == 1, stride(2) == C),
+  // batch stride free; weight, bias (C,) and scale, shift (N, C) float32 with free strides, None = 1 / 0.
+  // silu: SiLU activation. Returns (y packed in x's layout and dtype, mean (N, G), rstd (N, G)) float32.
+  m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups, "
+        "float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  // (A29) tangent y_dot (packed, x's layout) for the tangents of x (x's layout and dtype) and of the
+  // float32 per-channel operands; a None tangent is zero.
+  m.def("group_norm_jvp(Tensor x, Tensor? x_dot, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "Tensor? weight_dot, Tensor? bias_dot, Tensor? scale_dot, Tensor? shift_dot, Tensor mean, Tensor rstd, "
+        "int num_groups, bool silu) -> Tensor");
+  // (A30) (dx packed in x's layout, P1 = sum_spatial da * xhat (N, C), P2 = sum_spatial da (N, C)) with
+  // da = grad_y * SiLU'(a); the caller forms dweight, dbias, dscale, dshift from P1, P2.
+  m.def("group_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "Tensor mean, Tensor rstd, int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
+  // pixel_norm (A11) over dim 1 of an (O, C, I) view: rows of C contiguous (I == 1, stride(1) == 1) or
+  // stride(2) == 1. Returns (y packed (O, C, I) contiguous or rows, rstd (O, I) float32).
+  m.def("pixel_norm(Tensor a, float eps) -> (Tensor, Tensor)");
+  // Tangent of pixel_norm for the tangent a_dot (a's shape, dtype and layout).
+  m.def("pixel_norm_jvp(Tensor a, Tensor a_dot, Tensor rstd) -> Tensor");
+  // Gradient w.r.t. a for the upstream grad (a's shape, dtype and layout).
+  m.def("pixel_norm_backward(Tensor grad, Tensor a, Tensor rstd) -> Tensor");
 }
