@@ -57,7 +57,8 @@ TORCH_LIBRARY(scm, m) {
   // dtype, stride(-1) == 1, other strides free; Hq % Hkv == 0 (GQA: query head h reads kv head
   // h / (Hq/Hkv)). mask: None or an expanded (B,Hq,Nq,Nk) view, bool (true = attend) or float32
   // (additive). is_causal: key j visible to query i iff j <= i. Fully masked rows give 0, lse = +inf.
-  // out/out_tangent: (B,Nq,Hq,Dv) memory viewed as (B,Hq,Nq,Dv); lse, mu: (B,Hq,Nq) float32.
+  // out/out_tangent: (B,Nq,Hq,Dv) memory viewed as (B,Hq,Nq,Dv); lse, mu: (B,Hq,Nq) float32 (float64 for
+  // float64 inputs).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) "
         "-> (Tensor, Tensor)");
   // (A26) gradients (dq, dk, dv); dk, dv summed over the query heads of each kv head.
@@ -67,6 +68,10 @@ TORCH_LIBRARY(scm, m) {
   // tangent is zero.
   m.def("attention_jvp(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor? mask, "
         "bool is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (A24) the tangent alone from the saved forward (out, lse): (out_tangent, mu = rowsum(P * S_dot)),
+  // without recomputing the softmax or P V; a None tangent is zero. mu in lse's dtype.
+  m.def("attention_jvp_tangent(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor out, "
+        "Tensor lse, Tensor? mask, bool is_causal, float scale) -> (Tensor, Tensor)");
   // (A27) reverse mode through attention_jvp for upstream (grad_out, grad_out_tangent), either None:
   // (dq, dk, dv, dtq, dtk, dtv); dtq/dtk/dtv are None when the matching tangent is None.
   m.def("attention_jvp_bwd(Tensor? grad_out, Tensor? grad_out_tangent, Tensor q, Tensor k, Tensor v, "

@@ -178,6 +178,17 @@ SCM_ATTN_CLONES T row_max(const T* __restrict s, i64 n) {
   return m;
 }
 
+// sum_j x_j.
+template <class T>
+SCM_ATTN_CLONES T row_sum(const T* __restrict x, i64 n) {
+  T acc[kLanes] = {};
+  i64 j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j];
+  return fold_sum(acc);
+}
+
 // s_j <- e^{s_j - m}; returns sum_j (A25: l).
 template <class T>
 SCM_ATTN_CLONES T row_exp_sum(T* __restrict s, i64 n, T m) {
@@ -197,15 +208,16 @@ SCM_ATTN_CLONES T row_exp_sum(T* __restrict s, i64 n, T m) {
   return fold_sum(acc);
 }
 
-// s_j <- e^{s_j - m}, sd_j <- s_j sd_j; *l = sum s_j, *rho = sum sd_j (A25).
+// s_j <- e^{s_j - m}, sd_j <- s_j (sd_j - c); *l = sum s_j, *rho = sum sd_j (A25; the shift c is 0
+// there, and the tangent-only kernel's per-row reference of s').
 template <class T>
-SCM_ATTN_CLONES void row_exp_sum2(T* __restrict s, T* __restrict sd, i64 n, T m, T* l_out, T* rho_out) {
+SCM_ATTN_CLONES void row_exp_sum2(T* __restrict s, T* __restrict sd, i64 n, T m, T c, T* l_out, T* rho_out) {
   T acc[kLanes] = {}, acc2[kLanes] = {};
   i64 j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const T e = exp_k(s[j + l] - m);
-      const T p = e * sd[j + l];
+      const T p = e * (sd[j + l] - c);
       s[j + l] = e;
       sd[j + l] = p;
       acc[l] += e;
@@ -213,7 +225,7 @@ SCM_ATTN_CLONES void row_exp_sum2(T* __restrict s, T* __restrict sd, i64 n, T m,
     }
   for (int l = 0; j < n; ++j, ++l) {
     const T e = exp_k(s[j] - m);
-    const T p = e * sd[j];
+    const T p = e * (sd[j] - c);
     s[j] = e;
     sd[j] = p;
     acc[l] += e;
@@ -227,6 +239,12 @@ SCM_ATTN_CLONES void row_exp_sum2(T* __restrict s, T* __restrict sd, i64 n, T m,
 template <class T>
 SCM_ATTN_CLONES void row_exp(T* __restrict s, i64 n, T lse) {
   for (i64 j = 0; j < n; ++j) s[j] = exp_k(s[j] - lse);
+}
+
+// x_j <- x_j + a y_j.
+template <class T>
+SCM_ATTN_CLONES void row_axpy(T* __restrict x, const T* __restrict y, i64 n, T a) {
+  for (i64 j = 0; j < n; ++j) x[j] += a * y[j];
 }
 
 template <class T>
@@ -516,7 +534,7 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
           const T alpha = exp_k(m_old - m_safe);
           T ls, ps = 0;
           if (has_sd) {
-            row_exp_sum2(srow, sd + rr * kvB, c, m_safe, &ls, &ps);
+            row_exp_sum2(srow, sd + rr * kvB, c, m_safe, T(0), &ls, &ps);
           } else {
             ls = row_exp_sum(srow, c, m_safe);
           }
@@ -564,6 +582,124 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
         }
         convert(o, a.out.row(b, h, i), d.Dv);
         if (a.jvp) convert(ot, a.tout.row(b, h, i), d.Dv);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tangent from the saved forward (A24 with P known): one task per (b, h, query block).
+// ---------------------------------------------------------------------------------------------
+// With lse from the forward, P = e^{s - lse} is known exactly per block, so the tangent needs no
+// online softmax and no P v product: per key block S = lambda q k^T, S' = lambda (q' k^T + q k'^T),
+// acc_T += P v' + (P (S' - c)) v, L += rowsum(P), rho += rowsum(P (S' - c)); finish
+//   O' = acc_T / L - (rho / L) O,  mu = c + rho / L   (O read from `out`)
+// which is (A24) for L = 1; dividing by the recomputed L keeps the finish consistent with the P
+// actually summed. c_i is a per-row reference of s', set on the first key block: the mean of s'_ij
+// over its keys, then re-based to its P-weighted mean (= mu when one block holds every key). A
+// large part of s' common to all keys (keys with a large common component, large logits) then
+// never enters the accumulator nor the product rho/L O, which would cancel it in fp32, and the
+// rounding of O (stored in q's dtype: fp16/bf16) is multiplied by mu - c only, not by mu.
+template <class S, class T>
+struct TanArgs : Inputs<S, T> {
+  View4<S> out;          // (B, Hq, Nq, Dv) forward output
+  const T* lse = nullptr;  // (B, Hq, Nq) contiguous
+  OutView4<S> tout;      // out_tangent
+  T* mu = nullptr;
+};
+
+template <class S, class T>
+void tangent_kernel(const TanArgs<S, T>& a) {
+  const Dims& d = a.d;
+  const i64 qB = q_block_fwd(d.Nq), kvB = kKvBlockFwd, nqb = ceil_div(d.Nq, qB);
+  const bool has_tq = a.has_tq, has_tk = a.has_tk, has_tv = a.has_tv, has_sd = has_tq || has_tk;
+
+  at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
+    Scratch<T> ws;
+    T* qq = ws.take(2 * qB * d.D);      // [q; q'] tile
+    T* sb = ws.take(2 * qB * kvB);      // [S; S'] -> [P; P (S' - c)] (row stride kvB)
+    T* acc = ws.take(qB * d.Dv);        // acc_T
+    T* kbuf = ws.take(kvB * d.D);
+    T* tkbuf = has_tk ? ws.take(kvB * d.D) : nullptr;
+    T* vbuf = has_sd ? ws.take(kvB * d.Dv) : nullptr;
+    T* tvbuf = has_tv ? ws.take(kvB * d.Dv) : nullptr;
+    T* cref = ws.take(qB);
+    T* l = ws.take(qB);
+    T* rho = ws.take(qB);
+    T* orow = ws.take(2 * d.Dv);
+    for (i64 t = begin; t < end; ++t) {
+      const i64 bh = t / nqb, blk = zigzag(t % nqb, nqb);
+      const i64 b = bh / d.Hq, h = bh % d.Hq, kh = h / d.G;
+      const i64 i0 = blk * qB, r = std::min(qB, d.Nq - i0), row0 = bh * d.Nq + i0;
+      T* qt = qq;
+      T* tqt = qq + r * d.D;  // [q; q'] is one (2r x D) matrix
+      pack_rows(a.q, b, h, i0, r, d.D, qt);
+      if (has_tq) pack_rows(a.tq, b, h, i0, r, d.D, tqt);
+      T* s = sb;
+      T* sd = sb + r * kvB;
+      std::fill(l, l + r, T(0));
+      std::fill(rho, rho + r, T(0));
+      std::fill(acc, acc + r * d.Dv, T(0));
+
+      const i64 jend = key_end(d, a.causal, i0, r);
+      for (i64 j0 = 0; j0 < jend; j0 += kvB) {
+        const i64 c = std::min(kvB, jend - j0);
+        const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
+        // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
+        mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
+        if (has_tk) {
+          const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
+          mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
+        }
+        apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
+        // P = e^{s - lse} (0 on a hidden row: lse = +inf); P (S' - c) and the row sums
+        for (i64 rr = 0; rr < r; ++rr) {
+          T* srow = s + rr * kvB;
+          const T lse = a.lse[row0 + rr];
+          if (has_sd) {
+            T* sdrow = sd + rr * kvB;
+            if (j0 == 0) cref[rr] = row_sum(sdrow, c) / T(c);
+            T ls, ps;
+            row_exp_sum2(srow, sdrow, c, lse, cref[rr], &ls, &ps);
+            if (j0 == 0 && ls > T(0)) {  // re-base c to the P-weighted mean of this block
+              const T delta = ps / ls;
+              row_axpy(sdrow, srow, c, -delta);
+              cref[rr] += delta;
+              ps -= delta * ls;
+            }
+            l[rr] += ls;
+            rho[rr] += ps;
+          } else {
+            l[rr] += row_exp_sum(srow, c, lse);
+          }
+        }
+        // acc_T += P v' + (P (S' - c)) v
+        if (has_tv) {
+          const Mat<T> tvt = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
+          mm<T>(false, false, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, T(1), acc, d.Dv);
+        }
+        if (has_sd) {
+          const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
+          mm<T>(false, false, r, d.Dv, c, T(1), sd, kvB, vt.p, vt.ld, T(1), acc, d.Dv);
+        }
+      }
+      // finish: O' = acc_T / L - (rho / L) O, mu = c + rho / L (O' = 0, mu = 0 on a hidden row)
+      for (i64 rr = 0; rr < r; ++rr) {
+        const i64 i = i0 + rr;
+        T* o = orow;
+        T* ot = orow + d.Dv;
+        T mu = 0;
+        if (l[rr] > T(0)) {
+          const T inv = T(1) / l[rr];
+          const T dmu = has_sd ? rho[rr] * inv : T(0);
+          convert(a.out.row(b, h, i), o, d.Dv);
+          for (i64 e = 0; e < d.Dv; ++e) ot[e] = acc[rr * d.Dv + e] * inv - dmu * o[e];
+          if (has_sd) mu = cref[rr] + dmu;
+        } else {
+          std::fill(ot, ot + d.Dv, T(0));
+        }
+        a.mu[row0 + rr] = mu;
+        convert(ot, a.tout.row(b, h, i), d.Dv);
       }
     }
   });
@@ -1002,6 +1138,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jvp_cpu(
   return fwd_common("attention_jvp", true, q, k, v, tq, tk, tv, mask, is_causal, scale);
 }
 
+// (A24 from the saved forward) -> (out_tangent, mu)
+std::tuple<at::Tensor, at::Tensor> attention_jvp_tangent_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
+    const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv, const at::Tensor& out,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& mask, bool is_causal, double scale) {
+  const char* op = "attention_jvp_tangent";
+  const Dims d = check_qkv(op, q, k, v);
+  if (tq) check_like(op, "tq", *tq, q, "q");
+  if (tk) check_like(op, "tk", *tk, k, "k");
+  if (tv) check_like(op, "tv", *tv, v, "v");
+  check_out_shaped(op, "out", out, d, q.scalar_type());
+  const MaskView mk = check_mask(op, mask, d);
+  const at::ScalarType acc_dt = acc_dtype(q.scalar_type());
+  const at::Tensor lse = row_stat(op, "lse", lse_in, d, acc_dt);
+  at::Tensor tout = new_out(q, d);
+  at::Tensor mu = at::empty({d.B, d.Hq, d.Nq}, q.options().dtype(acc_dt));
+  if (mu.numel() == 0) return {tout, mu};
+  if (!tq && !tk && !tv) {  // zero tangent
+    tout.zero_(), mu.zero_();
+    return {tout, mu};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "scm_attention_jvp_tangent", [&] {
+    using S = scalar_t;
+    using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    TanArgs<S, T> a;
+    a.set(d, scale, is_causal, mk, q, k, v, tq, tk, tv);
+    a.out = View4<S>(out);
+    a.lse = lse.const_data_ptr<T>();
+    a.tout = OutView4<S>(tout);
+    a.mu = mu.mutable_data_ptr<T>();
+    tangent_kernel(a);
+  });
+  return {tout, mu};
+}
+
 using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>>;
 
@@ -1110,5 +1281,6 @@ TORCH_LIBRARY_IMPL(scm, CPU, m) {
   m.impl("attention_fwd", &scm::cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &scm::cpu::attention_bwd_cpu);
   m.impl("attention_jvp", &scm::cpu::attention_jvp_cpu);
+  m.impl("attention_jvp_tangent", &scm::cpu::attention_jvp_tangent_cpu);
   m.impl("attention_jvp_bwd", &scm::cpu::attention_jvp_bwd_cpu);
 }

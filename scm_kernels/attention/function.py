@@ -3,8 +3,10 @@
 `AttentionFunction` (q, k, v, mask, is_causal, scale, name, precision) -> (out, lse)
     forward   one flash-attention pass, lse (B, Hq, Nq) float32 saved (non-differentiable output)
     backward  (A26) from the saved out and lse: (dq, dk, dv)
-    jvp       (A25) the fused primal+tangent kernel on the saved inputs: out_tangent. The primal it
-              recomputes on the way is dropped: forward-mode AD has already returned the forward's.
+    jvp       out_tangent. cpu: from the saved out and lse (attention_jvp_tangent: P = exp(s - lse)
+              known, so no online softmax and no P V product). triton: (A25) the fused primal+tangent
+              kernel on the saved inputs, whose recomputed primal is dropped (forward-mode AD has
+              already returned the forward's).
 
 `AttentionJvpFunction` (q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision)
         -> (out, out_tangent, lse, mu)
@@ -72,8 +74,9 @@ def out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def stats(q: torch.Tensor) -> torch.Tensor:
-    """An empty per-row statistic (lse, mu): (B, Hq, Nq) float32."""
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
+    """An empty per-row statistic (lse, mu): (B, Hq, Nq) float32 (float64 for float64 q: the cpu kernels)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[:3], dtype=dtype)
 
 
 def grads_like(*xs):
@@ -96,7 +99,7 @@ class AttentionFunction(torch.autograd.Function):
         out, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.save_for_forward(q, k, v, mask)
+        ctx.save_for_forward(q, k, v, out, lse, mask)
         ctx.consts = (bool(is_causal), float(scale), name, precision)
 
     @staticmethod
@@ -109,10 +112,22 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, *_):
-        q, k, v, mask = _detached(ctx.saved_tensors)
+        saved = ctx.saved_tensors
         is_causal, scale, name, precision = ctx.consts
-        _, out_tangent, _, _ = _jvp(name, q, k, v, inner(tq), inner(tk), inner(tv), mask, is_causal, scale,
-                                    precision=precision)
+        tq, tk, tv = inner(tq), inner(tk), inner(tv)
+        if torch.is_grad_enabled():
+            # The tangent may be differentiated (a loss on a JVP taken with grad enabled; under
+            # torch.func the inputs' requires_grad is hidden by the transform's wrappers): compute it
+            # through the differentiable Function whose backward is (A27). sCM takes its JVP under
+            # no_grad, which runs the cheaper tangent-only kernels below.
+            q, k, v, _, _, mask = saved
+            return AttentionJvpFunction.apply(q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision)[1], None
+        q, k, v, out, lse, mask = _detached(saved)
+        if name == "triton":
+            _, out_tangent, _, _ = _jvp(name, q, k, v, tq, tk, tv, mask, is_causal, scale, precision=precision)
+        else:
+            out_tangent, _ = torch.ops.scm.attention_jvp_tangent(q, k, v, tq, tk, tv, out, lse, mask, is_causal,
+                                                                  scale)
         return out_tangent, None
 
 
@@ -163,6 +178,12 @@ if backend.extension_available() and hasattr(torch.ops.scm, "attention_fwd"):
     @torch.library.register_fake("scm::attention_jvp")
     def _attention_jvp_fake(q, k, v, tq, tk, tv, mask, is_causal, scale):
         return out_like(q, v), out_like(q, v), stats(q), stats(q)
+
+    if hasattr(torch.ops.scm, "attention_jvp_tangent"):
+
+        @torch.library.register_fake("scm::attention_jvp_tangent")
+        def _attention_jvp_tangent_fake(q, k, v, tq, tk, tv, out, lse, mask, is_causal, scale):
+            return out_like(q, v), stats(q)
 
     @torch.library.register_fake("scm::attention_jvp_bwd")
     def _attention_jvp_bwd_fake(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask,
