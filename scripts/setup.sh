@@ -38,6 +38,8 @@ fi
   echo "[setup] installing numpy, ninja, build and test tools"
   pipq numpy ninja setuptools wheel pytest hypothesis expecttest
 }
+# diffusers: only the tests of scm_kernels.nn.AttentionProcessor use it (optional for users).
+"$PY" -c "import diffusers" 2>/dev/null || { echo "[setup] installing diffusers (for the tests)"; pipq diffusers; }
 "$PY" -c "import torch, triton" || { echo "[setup] torch/triton failed to install" >&2; exit 1; }
 
 # Build + editable install, only when the sources or torch changed.
