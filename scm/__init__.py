@@ -4,11 +4,14 @@ scm_kernels. Formulas are labelled as in shared/docs/algorithm.md (A1...A30).
 - scm.trigflow: the TrigFlow parameterization (A1-A9), EDM and flow-matching teachers as TrigFlow F.
 - scm.losses: the TrigFlow diffusion loss (A4) and the sCT / sCD loss of Algorithm 1 (A12-A18).
 - scm.sampling: consistency samplers (A20-A23) and teacher ODE samplers (DDIM A7, DPM-Solver-2, Heun).
-The networks (U-Net, DiT) and the training loop come in later stages (see the project's issues).
+- scm.networks: an EDM/ADM-style U-Net and a DiT on the fused ops (forward-mode JVP through every layer,
+  per-layer forward_jvp), with presets from CPU demos to the paper's sizes.
+The training loop comes in a later stage (see the project's issues).
 """
 
-from scm import losses, sampling, trigflow
+from scm import losses, networks, sampling, trigflow
 from scm.losses import AdaptiveWeighting, SCMLoss, SCMLossOutput, TrigFlowDiffusionLoss
+from scm.networks import DiT, UNet
 from scm.sampling import (ConsistencySamplerGraph, sample_consistency, sample_ddim, sample_dpm2, sample_heun,
                           sample_onestep, sample_twostep)
 from scm.trigflow import TIME_PROPOSALS, TimeProposal, time_proposal
@@ -16,7 +19,8 @@ from scm.trigflow import TIME_PROPOSALS, TimeProposal, time_proposal
 __version__ = "0.1.0"
 
 __all__ = [
-    "TIME_PROPOSALS", "AdaptiveWeighting", "ConsistencySamplerGraph", "SCMLoss", "SCMLossOutput", "TimeProposal",
-    "TrigFlowDiffusionLoss", "__version__", "losses", "sample_consistency", "sample_ddim", "sample_dpm2",
-    "sample_heun", "sample_onestep", "sample_twostep", "sampling", "time_proposal", "trigflow",
+    "TIME_PROPOSALS", "AdaptiveWeighting", "ConsistencySamplerGraph", "DiT", "SCMLoss", "SCMLossOutput",
+    "TimeProposal", "TrigFlowDiffusionLoss", "UNet", "__version__", "losses", "networks",
+    "sample_consistency", "sample_ddim", "sample_dpm2", "sample_heun", "sample_onestep", "sample_twostep",
+    "sampling", "time_proposal", "trigflow",
 ]

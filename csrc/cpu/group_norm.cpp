@@ -1,0 +1,1010 @@
+// CPU kernels of the fused GroupNorm (A28-A30): torch.ops.scm.group_norm / group_norm_jvp /
+// group_norm_backward, and of the pixel norm (A11): torch.ops.scm.pixel_norm / _jvp / _backward.
+//
+// GroupNorm. x is an (N, C, S) view (S = spatial size), channels-first (each channel a contiguous
+// row of S elements) or channels-last (each position a contiguous row of C channels); every
+// (N, C, S) operand has x's layout and its own batch stride; outputs are packed in that layout.
+// Per sample n and group g (Cg = C / G channels, M = Cg S elements), with A = gamma s:
+//   forward (A28)  mu, M2 by exact two-pass moments of blocks of <= kBlock elements (the mean summed
+//                  relative to the block's first value) merged with Chan's formula (scm::merge); r = (M2 / M + eps)^(-1/2);
+//                  a = (x - mu) (r A) + (beta s + b);  y = a sigmoid(a) (SiLU) or a
+//   jvp (A29)      m1 = mean(x_dot), m2 = mean(x^ x_dot) = r sum (x - mu) x_dot / M;
+//                  x^_dot = r (x_dot - m1 - x^ m2);
+//                  a_dot = x^_dot A + x^ (gamma_dot s + gamma s_dot) + (beta_dot s + beta s_dot + b_dot);
+//                  y_dot = SiLU'(a) a_dot
+//   backward (A30) da = dy SiLU'(a); P1_{n,c} = sum_sp da x^, P2_{n,c} = sum_sp da (returned: the
+//                  caller forms dgamma, dbeta, dscale, dshift from them); m1 = sum_c A P2 / M,
+//                  m2 = sum_c A P1 / M; dx = r (da A - m1 - x^ m2)
+// Absent weight/bias/scale/shift (and tangents) are 1/0/1/0 (and 0).
+//
+// Parallelism: at::parallel_for over the tasks (n, g, k), where k splits the group's positions into
+// nsplit ranges when N * G alone is too few tasks (batch 1). nsplit depends on the shape only
+// (never on the thread count), every reduction has a fixed order (kLanes accumulators per block,
+// blocks in order, splits in order): results are bitwise reproducible for any number of threads.
+// With nsplit == 1 a task reads its group, then re-reads it from cache for the output pass.
+// Inner loops run on fp32 blocks (fp32 operands in place, others converted by common.h), have no
+// calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 and
+// AVX2 clones (no FMA contraction: the clones give bitwise equal results).
+//
+// Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
+// of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
+//   r = (mean_c a^2 + eps)^(-1/2),  y = a r,  y_dot = r (a_dot - y mean_c(y a_dot)),
+//   da = r (dy - y mean_c(y dy)).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "scm/norm.h"
+
+namespace scm::cpu {
+namespace {
+
+constexpr int64_t kBlock = 1024;  // elements per block (fits L1 with a few operands)
+constexpr int kLanes = 16;        // independent accumulators of a reduction (vector lanes)
+constexpr int64_t kMinTasks = 64;          // split groups when N * G is smaller than this
+constexpr int64_t kMinSplitElems = 16384;  // ... but keep at least this many elements per task
+
+// Function multi-versioning: AVX-512 (16 lanes) and AVX2 (8 lanes) clones, chosen at load time,
+// next to the baseline SSE2 version (the build has no -march). The sigmoid's polynomial is compute
+// bound: the AVX-512 clone runs it 1.4x faster than AVX2 on this machine. Contraction of a * b + c
+// into FMA (which the AVX-512 clone could use) is switched off for this file, so that every clone
+// rounds every product and sum alike and gives bitwise the same results.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#pragma GCC optimize("fp-contract=off")
+#define SCM_GN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SCM_GN_CLONES
+#endif
+
+inline float fold(const float* acc) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+
+
+// ---------------------------------------------------------------------------------------------
+// Block kernels (fp32, contiguous). kVec: per-element coefficient arrays (channels-last blocks,
+// where the channel changes along the block) instead of one scalar per block (channels-first).
+// ---------------------------------------------------------------------------------------------
+#define SCM_COEF(arr, scalar) (kVec ? arr[i] : scalar)
+
+// Moments of one block: its mean (summed relative to the pivot x[0], so that a large common offset
+// costs no precision), then sum (x - mean)^2.
+SCM_GN_CLONES Moments block_moments(const float* __restrict x, int64_t n) {
+  const float pivot = x[0];
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] - pivot;
+  for (int l = 0; i < n; ++i, ++l) acc[l] += x[i] - pivot;
+  const float mean = pivot + fold(acc) / static_cast<float>(n);
+  float acc2[kLanes] = {0.f};
+  i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = x[i + l] - mean;
+      acc2[l] += d * d;
+    }
+  for (int l = 0; i < n; ++i, ++l) {
+    const float d = x[i] - mean;
+    acc2[l] += d * d;
+  }
+  return {static_cast<float>(n), mean, fold(acc2)};
+}
+
+// (A28) out = act((x - mu) A + B), A = r gamma s, B = beta s + b.
+template <bool kVec>
+SCM_GN_CLONES void fwd_block(const float* __restrict x, int64_t n, float mu, const float* __restrict Av,
+                             const float* __restrict Bv, float A0, float B0, bool silu, float* __restrict out) {
+  if (silu) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = (x[i] - mu) * SCM_COEF(Av, A0) + SCM_COEF(Bv, B0);
+      out[i] = a * sigmoid(a);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mu) * SCM_COEF(Av, A0) + SCM_COEF(Bv, B0);
+  }
+}
+
+// (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
+SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
+                                  float& s_d, float& s_xd) {
+  float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      a1[l] += xd[i + l];
+      a2[l] += (x[i + l] - mu) * xd[i + l];
+    }
+  for (int l = 0; i < n; ++i, ++l) {
+    a1[l] += xd[i];
+    a2[l] += (x[i] - mu) * xd[i];
+  }
+  s_d += fold(a1);
+  s_xd += fold(a2);
+}
+
+// (A29) y_dot of one block; xd == nullptr: no tangent of x (x^_dot = 0).
+struct JvpCoef {
+  float A, B, Ad, Bd;  // A = gamma s, B = beta s + b, Ad = gamma_dot s + gamma s_dot, Bd = beta_dot s + beta s_dot + b_dot
+};
+
+template <bool kVec>
+SCM_GN_CLONES void jvp_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu, float r,
+                             float m1, float m2, const float* __restrict Av, const float* __restrict Bv,
+                             const float* __restrict Adv, const float* __restrict Bdv, JvpCoef k, bool silu,
+                             float* __restrict out) {
+#define SCM_GN_JVP_LOOP(XHD, SILU)                                                             \
+  for (int64_t i = 0; i < n; ++i) {                                                            \
+    const float xh = (x[i] - mu) * r;                                                          \
+    const float xhd = XHD;                                                                     \
+    const float A = SCM_COEF(Av, k.A);                                                         \
+    const float ad = xhd * A + xh * SCM_COEF(Adv, k.Ad) + SCM_COEF(Bdv, k.Bd);                 \
+    if (SILU) {                                                                                \
+      const float a = xh * A + SCM_COEF(Bv, k.B);                                              \
+      out[i] = silu_grad_from_sig(a, sigmoid(a)) * ad;                                         \
+    } else {                                                                                   \
+      out[i] = ad;                                                                             \
+    }                                                                                          \
+  }
+  if (xd != nullptr) {
+    if (silu) {
+      SCM_GN_JVP_LOOP(r * (xd[i] - m1 - xh * m2), true)
+    } else {
+      SCM_GN_JVP_LOOP(r * (xd[i] - m1 - xh * m2), false)
+    }
+  } else {
+    if (silu) {
+      SCM_GN_JVP_LOOP(0.f, true)
+    } else {
+      SCM_GN_JVP_LOOP(0.f, false)
+    }
+  }
+#undef SCM_GN_JVP_LOOP
+}
+
+// (A30) x^ and da = dy SiLU'(a) (SILU true) or dy at element I, with a = x^ A + B. Every loop below
+// is written twice (SiLU or not) so that no branch is left inside it.
+#define SCM_GN_DA(SILU, I, A, B)                                      \
+  const float xh = (x[I] - mu) * r;                                   \
+  float da = dy[I];                                                   \
+  if (SILU) {                                                         \
+    const float a = xh * (A) + (B);                                   \
+    da *= silu_grad_from_sig(a, sigmoid(a));       \
+  }
+
+// (A30) channels-first block of one channel: P1 += sum da x^, P2 += sum da.
+SCM_GN_CLONES void bwd_sums_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu,
+                                  float r, float A0, float B0, bool silu, float& p1, float& p2) {
+  float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
+  int64_t i = 0;
+#define SCM_GN_SUMS(SILU)                                 \
+  for (; i + kLanes <= n; i += kLanes) {                  \
+    for (int l = 0; l < kLanes; ++l) {                    \
+      SCM_GN_DA(SILU, i + l, A0, B0)                      \
+      a1[l] += da * xh;                                   \
+      a2[l] += da;                                        \
+    }                                                     \
+  }                                                       \
+  for (int l = 0; i < n; ++i, ++l) {                      \
+    SCM_GN_DA(SILU, i, A0, B0)                            \
+    a1[l] += da * xh;                                     \
+    a2[l] += da;                                          \
+  }
+  if (silu) {
+    SCM_GN_SUMS(true)
+  } else {
+    SCM_GN_SUMS(false)
+  }
+#undef SCM_GN_SUMS
+  p1 += fold(a1);
+  p2 += fold(a2);
+}
+
+// (A30) channels-last block: per-element accumulators acc1 += da x^, acc2 += da (the caller
+// folds them per channel, element i of a block is channel i % Cg).
+SCM_GN_CLONES void bwd_acc_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu,
+                                 float r, const float* __restrict Av, const float* __restrict Bv, bool silu,
+                                 float* __restrict acc1, float* __restrict acc2) {
+#define SCM_GN_ACC(SILU)                          \
+  for (int64_t i = 0; i < n; ++i) {               \
+    SCM_GN_DA(SILU, i, Av[i], Bv[i])              \
+    acc1[i] += da * xh;                           \
+    acc2[i] += da;                                \
+  }
+  if (silu) {
+    SCM_GN_ACC(true)
+  } else {
+    SCM_GN_ACC(false)
+  }
+#undef SCM_GN_ACC
+}
+
+// (A30) dx = r (da A - m1 - x^ m2).
+template <bool kVec>
+SCM_GN_CLONES void dx_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu, float r,
+                            float m1, float m2, const float* __restrict Av, const float* __restrict Bv, float A0,
+                            float B0, bool silu, float* __restrict out) {
+#define SCM_GN_DX(SILU)                                                  \
+  for (int64_t i = 0; i < n; ++i) {                                      \
+    SCM_GN_DA(SILU, i, SCM_COEF(Av, A0), SCM_COEF(Bv, B0))               \
+    out[i] = r * (da * SCM_COEF(Av, A0) - m1 - xh * m2);                 \
+  }
+  if (silu) {
+    SCM_GN_DX(true)
+  } else {
+    SCM_GN_DX(false)
+  }
+#undef SCM_GN_DX
+}
+#undef SCM_GN_DA
+
+// ---------------------------------------------------------------------------------------------
+// Geometry, operands, blocks
+// ---------------------------------------------------------------------------------------------
+struct Geo {
+  int64_t N, C, S, G, Cg;
+  bool cl;
+  int64_t nsplit, s_split;  // positions of a group split into nsplit ranges of s_split
+  int64_t rows;             // channels-last: positions per block
+  int64_t cap;              // elements per block buffer
+
+  int64_t tasks() const { return N * G * nsplit; }
+  float M() const { return static_cast<float>(Cg * S); }
+};
+
+// An (N, C, S) operand: batch stride in elements, dtype.
+struct Ncs {
+  const char* base = nullptr;
+  char* mbase = nullptr;
+  int64_t sn = 0, es = 4;
+  at::ScalarType dt = at::kFloat;
+};
+
+Ncs operand(const at::Tensor& t) {
+  Ncs o;
+  o.base = static_cast<const char*>(t.const_data_ptr());
+  o.sn = t.size(0) > 1 ? t.stride(0) : 0;
+  o.es = t.element_size();
+  o.dt = t.scalar_type();
+  return o;
+}
+
+Ncs output(at::Tensor& t) {
+  Ncs o = operand(t);
+  o.mbase = static_cast<char*>(t.mutable_data_ptr());
+  return o;
+}
+
+// One block of a task: channels-first: channel c (absolute), positions [s0, s0 + len);
+// channels-last: positions [s0, s0 + rows) of the group's channels, len = rows * Cg.
+struct Blk {
+  int64_t c, s0, len, rows;
+};
+
+template <class F>
+void for_blocks(const Geo& g, int64_t grp, int64_t s_lo, int64_t s_hi, F&& f) {
+  if (!g.cl) {
+    for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c)
+      for (int64_t s0 = s_lo; s0 < s_hi; s0 += kBlock) f(Blk{c, s0, std::min(kBlock, s_hi - s0), 1});
+  } else {
+    for (int64_t s0 = s_lo; s0 < s_hi; s0 += g.rows) {
+      const int64_t r = std::min(g.rows, s_hi - s0);
+      f(Blk{grp * g.Cg, s0, r * g.Cg, r});
+    }
+  }
+}
+
+// True when the block is one contiguous run of memory (channels-first, or one group of all channels).
+inline bool contiguous_block(const Geo& g) { return !g.cl || g.G == 1; }
+
+inline int64_t elem_offset(const Geo& g, const Ncs& o, int64_t n, const Blk& b) {
+  return n * o.sn + (g.cl ? b.s0 * g.C + b.c : b.c * g.S + b.s0);
+}
+
+// fp32 values of a block: in place when possible, else converted/gathered into buf.
+const float* load(const Geo& g, const Ncs& o, int64_t n, const Blk& b, float* buf) {
+  const char* p = o.base + elem_offset(g, o, n, b) * o.es;
+  if (contiguous_block(g)) {
+    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(p);
+    load_f32(p, o.dt, b.len, buf);
+    return buf;
+  }
+  for (int64_t j = 0; j < b.rows; ++j) load_f32(p + j * g.C * o.es, o.dt, g.Cg, buf + j * g.Cg);
+  return buf;
+}
+
+// Where a block's fp32 results go: the output itself when possible, else buf (then store()).
+float* out_ptr(const Geo& g, const Ncs& o, int64_t n, const Blk& b, float* buf) {
+  if (contiguous_block(g) && o.dt == at::kFloat)
+    return reinterpret_cast<float*>(o.mbase + elem_offset(g, o, n, b) * o.es);
+  return buf;
+}
+
+void store(const Geo& g, const Ncs& o, int64_t n, const Blk& b, const float* vals) {
+  char* p = o.mbase + elem_offset(g, o, n, b) * o.es;
+  if (contiguous_block(g)) {
+    if (o.dt != at::kFloat) store_f32(vals, b.len, o.dt, p);
+    return;
+  }
+  for (int64_t j = 0; j < b.rows; ++j) store_f32(vals + j * g.Cg, g.Cg, o.dt, p + j * g.C * o.es);
+}
+
+// Per-channel fp32 operands: (C,) vectors and (N, C) matrices with free strides, or absent.
+struct ChanVec {
+  const float* p = nullptr;
+  int64_t sn = 0, sc = 0;
+  float dflt = 0.f;
+  float at(int64_t n, int64_t c) const { return p != nullptr ? p[n * sn + c * sc] : dflt; }
+};
+
+ChanVec chan_vec(const std::optional<at::Tensor>& t, float dflt, bool per_sample) {
+  ChanVec v;
+  v.dflt = dflt;
+  if (t.has_value()) {
+    v.p = t->const_data_ptr<float>();
+    if (per_sample) {
+      v.sn = t->stride(0);
+      v.sc = t->stride(1);
+    } else {
+      v.sc = t->stride(0);
+    }
+  }
+  return v;
+}
+
+// Task t -> (sample, group, split) and the split's positions.
+struct Task {
+  int64_t n, grp, k, s_lo, s_hi;
+};
+
+inline Task task_of(const Geo& g, int64_t t) {
+  Task k;
+  k.k = t % g.nsplit;
+  const int64_t ng = t / g.nsplit;
+  k.n = ng / g.G;
+  k.grp = ng % g.G;
+  k.s_lo = k.k * g.s_split;
+  k.s_hi = std::min(g.S, k.s_lo + g.s_split);
+  return k;
+}
+
+const char* const kOp = "group_norm";
+
+void check_float(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, kOp, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", dt);
+}
+
+// Checks x and returns the geometry of the call.
+Geo make_geo(const at::Tensor& x, int64_t num_groups) {
+  TORCH_CHECK(x.device().is_cpu(), kOp, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 3, kOp, ": x must be an (N, C, S) view, got shape ", x.sizes());
+  check_float(x, "x");
+  Geo g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.S = x.size(2);
+  TORCH_CHECK(g.N > 0 && g.C > 0 && g.S > 0, kOp, ": x must not be empty, got shape ", x.sizes());
+  TORCH_CHECK(num_groups >= 1 && g.C % num_groups == 0, kOp, ": num_groups must divide C = ", g.C, ", got ",
+              num_groups);
+  g.G = num_groups;
+  g.Cg = g.C / g.G;
+  const bool cf = (g.S == 1 || x.stride(2) == 1) && (g.C == 1 || x.stride(1) == g.S);
+  g.cl = !cf && (g.C == 1 || x.stride(1) == 1) && (g.S == 1 || x.stride(2) == g.C);
+  TORCH_CHECK(cf || g.cl, kOp, ": x must be channels-first or channels-last, got strides ", x.strides());
+  g.nsplit = 1;
+  const int64_t NG = g.N * g.G;
+  if (NG < kMinTasks) {
+    const int64_t want = (kMinTasks + NG - 1) / NG;
+    const int64_t by_size = std::max<int64_t>(1, g.Cg * g.S / kMinSplitElems);
+    g.nsplit = std::max<int64_t>(1, std::min({want, by_size, g.S}));
+  }
+  g.s_split = (g.S + g.nsplit - 1) / g.nsplit;
+  g.nsplit = (g.S + g.s_split - 1) / g.s_split;
+  g.rows = std::max<int64_t>(1, kBlock / g.Cg);
+  g.cap = g.cl ? g.rows * g.Cg : kBlock;
+  return g;
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const Geo& g, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), kOp, ": ", name,
+              " must have x's shape and dtype");
+  const bool same = g.cl ? (t.stride(1) == 1 && t.stride(2) == g.C) : (g.S == 1 || t.stride(2) == 1) &&
+                                                                          (g.C == 1 || t.stride(1) == g.S);
+  TORCH_CHECK(same, kOp, ": ", name, " must have x's layout, got strides ", t.strides());
+}
+
+void check_chan(const std::optional<at::Tensor>& t, const Geo& g, bool per_sample, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, kOp, ": ", name,
+              " must be a float32 CPU tensor");
+  if (per_sample) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.N && t->size(1) == g.C, kOp, ": ", name, " must have shape (",
+                g.N, ", ", g.C, "), got ", t->sizes());
+  } else {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == g.C, kOp, ": ", name, " must have shape (", g.C, "), got ",
+                t->sizes());
+  }
+}
+
+void check_stats(const at::Tensor& t, const Geo& g, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == g.N * g.G,
+              kOp, ": ", name, " must be a contiguous float32 (N, G) CPU tensor");
+}
+
+at::Tensor empty_like_layout(const at::Tensor& x, const Geo& g) {
+  const auto opts = x.options();
+  if (g.cl) return at::empty_strided({g.N, g.C, g.S}, {g.C * g.S, 1, g.C}, opts);
+  return at::empty_strided({g.N, g.C, g.S}, {g.C * g.S, g.S, 1}, opts);
+}
+
+// Per-task scratch: block buffers, expanded channels-last coefficients.
+struct Scratch {
+  std::vector<float> v;
+  explicit Scratch(int64_t n) : v(n) {}
+  float* at(int64_t i, int64_t cap) { return v.data() + i * cap; }
+};
+
+// Channels-last coefficient of channel grp*Cg + (i % Cg), expanded over a block's rows.
+template <class F>
+void expand(const Geo& g, float* dst, F&& coef) {
+  for (int64_t c = 0; c < g.Cg; ++c) dst[c] = coef(c);
+  for (int64_t j = 1; j < g.rows; ++j) std::copy(dst, dst + g.Cg, dst + j * g.Cg);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward (A28)
+// ---------------------------------------------------------------------------------------------
+Moments range_moments(const Geo& g, const Ncs& x, const Task& t, float* buf) {
+  Moments m{0.f, 0.f, 0.f};
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) { m = merge(m, block_moments(load(g, x, t.n, b, buf), b.len)); });
+  return m;
+}
+
+struct Affine {
+  ChanVec w, b, s, sh;
+  float A(int64_t n, int64_t c) const { return w.at(0, c) * s.at(n, c); }           // gamma s
+  float B(int64_t n, int64_t c) const { return b.at(0, c) * s.at(n, c) + sh.at(n, c); }  // beta s + b
+};
+
+void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const Task& t, float mu, float r,
+               bool silu, Scratch& sc) {
+  float* xb = sc.at(0, g.cap);
+  float* yb = sc.at(1, g.cap);
+  float* Av = sc.at(2, g.cap);
+  float* Bv = sc.at(3, g.cap);
+  const int64_t c0 = t.grp * g.Cg;
+  if (g.cl) {
+    expand(g, Av, [&](int64_t c) { return af.A(t.n, c0 + c) * r; });
+    expand(g, Bv, [&](int64_t c) { return af.B(t.n, c0 + c); });
+  }
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+    const float* xv = load(g, x, t.n, b, xb);
+    float* out = out_ptr(g, y, t.n, b, yb);
+    if (g.cl) {
+      fwd_block<true>(xv, b.len, mu, Av, Bv, 0.f, 0.f, silu, out);
+    } else {
+      fwd_block<false>(xv, b.len, mu, nullptr, nullptr, af.A(t.n, b.c) * r, af.B(t.n, b.c), silu, out);
+    }
+    store(g, y, t.n, b, out);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+    bool silu) {
+  const Geo g = make_geo(x, num_groups);
+  check_chan(weight, g, false, "weight");
+  check_chan(bias, g, false, "bias");
+  check_chan(scale, g, true, "scale");
+  check_chan(shift, g, true, "shift");
+  at::Tensor y = empty_like_layout(x, g);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({g.N, g.G}, f32), rstd = at::empty({g.N, g.G}, f32);
+  float* mp = mean.mutable_data_ptr<float>();
+  float* rp = rstd.mutable_data_ptr<float>();
+  const Ncs xo = operand(x), yo = output(y);
+  const Affine af{chan_vec(weight, 1.f, false), chan_vec(bias, 0.f, false), chan_vec(scale, 1.f, true),
+                  chan_vec(shift, 0.f, true)};
+  const float M = g.M(), e = static_cast<float>(eps);
+  if (g.nsplit == 1) {
+    at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(4 * g.cap);
+      for (int64_t i = begin; i < end; ++i) {
+        const Task t = task_of(g, i);
+        const Moments m = range_moments(g, xo, t, sc.at(0, g.cap));
+        const float r = group_rstd(m, M, e);
+        mp[i] = m.mean;
+        rp[i] = r;
+        fwd_apply(g, xo, yo, af, t, m.mean, r, silu, sc);
+      }
+    });
+    return {y, mean, rstd};
+  }
+  // Split groups: partial moments per task, merged per group in split order, then the output pass.
+  std::vector<Moments> part(g.tasks());
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(g.cap);
+    for (int64_t i = begin; i < end; ++i) part[i] = range_moments(g, xo, task_of(g, i), sc.at(0, g.cap));
+  });
+  for (int64_t ng = 0; ng < g.N * g.G; ++ng) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int64_t k = 0; k < g.nsplit; ++k) m = merge(m, part[ng * g.nsplit + k]);
+    mp[ng] = m.mean;
+    rp[ng] = group_rstd(m, M, e);
+  }
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(4 * g.cap);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ng = i / g.nsplit;
+      fwd_apply(g, xo, yo, af, task_of(g, i), mp[ng], rp[ng], silu, sc);
+    }
+  });
+  return {y, mean, rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// JVP (A29)
+// ---------------------------------------------------------------------------------------------
+// (sum x_dot, sum (x - mu) x_dot) over a task's positions.
+std::pair<float, float> jvp_sums(const Geo& g, const Ncs& x, const Ncs& xd, const Task& t, float mu, Scratch& sc) {
+  float s_d = 0.f, s_xd = 0.f;
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+    jvp_sums_block(load(g, x, t.n, b, sc.at(0, g.cap)), load(g, xd, t.n, b, sc.at(1, g.cap)), b.len, mu, s_d, s_xd);
+  });
+  return {s_d, s_xd};
+}
+
+struct Tangents {
+  ChanVec w, b, s, sh;
+};
+
+void jvp_apply(const Geo& g, const Ncs& x, const Ncs* xd, const Ncs& yd, const Affine& af, const Tangents& tg,
+               const Task& t, float mu, float r, float m1, float m2, bool silu, Scratch& sc) {
+  float* xb = sc.at(0, g.cap);
+  float* xdb = sc.at(1, g.cap);
+  float* yb = sc.at(2, g.cap);
+  float* Av = sc.at(3, g.cap);
+  float* Bv = sc.at(4, g.cap);
+  float* Adv = sc.at(5, g.cap);
+  float* Bdv = sc.at(6, g.cap);
+  const int64_t c0 = t.grp * g.Cg, n = t.n;
+  auto coef = [&](int64_t c) {
+    const float gam = af.w.at(0, c), bet = af.b.at(0, c), s = af.s.at(n, c), sd = tg.s.at(n, c);
+    return JvpCoef{gam * s, bet * s + af.sh.at(n, c), tg.w.at(0, c) * s + gam * sd,
+                   tg.b.at(0, c) * s + bet * sd + tg.sh.at(n, c)};
+  };
+  if (g.cl) {
+    expand(g, Av, [&](int64_t c) { return coef(c0 + c).A; });
+    expand(g, Bv, [&](int64_t c) { return coef(c0 + c).B; });
+    expand(g, Adv, [&](int64_t c) { return coef(c0 + c).Ad; });
+    expand(g, Bdv, [&](int64_t c) { return coef(c0 + c).Bd; });
+  }
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+    const float* xv = load(g, x, n, b, xb);
+    const float* xdv = xd != nullptr ? load(g, *xd, n, b, xdb) : nullptr;
+    float* out = out_ptr(g, yd, n, b, yb);
+    if (g.cl) {
+      jvp_block<true>(xv, xdv, b.len, mu, r, m1, m2, Av, Bv, Adv, Bdv, JvpCoef{}, silu, out);
+    } else {
+      jvp_block<false>(xv, xdv, b.len, mu, r, m1, m2, nullptr, nullptr, nullptr, nullptr, coef(b.c), silu, out);
+    }
+    store(g, yd, n, b, out);
+  });
+}
+
+at::Tensor group_norm_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x_dot,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                              const std::optional<at::Tensor>& weight_dot, const std::optional<at::Tensor>& bias_dot,
+                              const std::optional<at::Tensor>& scale_dot, const std::optional<at::Tensor>& shift_dot,
+                              const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups, bool silu) {
+  Geo g = make_geo(x, num_groups);
+  if (x_dot.has_value()) check_like(*x_dot, x, g, "x_dot");
+  check_chan(weight, g, false, "weight");
+  check_chan(bias, g, false, "bias");
+  check_chan(scale, g, true, "scale");
+  check_chan(shift, g, true, "shift");
+  check_chan(weight_dot, g, false, "weight_dot");
+  check_chan(bias_dot, g, false, "bias_dot");
+  check_chan(scale_dot, g, true, "scale_dot");
+  check_chan(shift_dot, g, true, "shift_dot");
+  check_stats(mean, g, "mean");
+  check_stats(rstd, g, "rstd");
+  if (!x_dot.has_value()) {  // nothing to reduce: one pass per group
+    g.nsplit = 1;
+    g.s_split = g.S;
+  }
+  at::Tensor yd = empty_like_layout(x, g);
+  const Ncs xo = operand(x), ydo = output(yd);
+  const Ncs xdo = x_dot.has_value() ? operand(*x_dot) : Ncs{};
+  const Ncs* xdp = x_dot.has_value() ? &xdo : nullptr;
+  const Affine af{chan_vec(weight, 1.f, false), chan_vec(bias, 0.f, false), chan_vec(scale, 1.f, true),
+                  chan_vec(shift, 0.f, true)};
+  const Tangents tg{chan_vec(weight_dot, 0.f, false), chan_vec(bias_dot, 0.f, false), chan_vec(scale_dot, 0.f, true),
+                    chan_vec(shift_dot, 0.f, true)};
+  const float* mp = mean.const_data_ptr<float>();
+  const float* rp = rstd.const_data_ptr<float>();
+  const float M = g.M();
+  std::vector<std::pair<float, float>> part;
+  if (g.nsplit > 1) {
+    part.resize(g.tasks());
+    at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(2 * g.cap);
+      for (int64_t i = begin; i < end; ++i) part[i] = jvp_sums(g, xo, xdo, task_of(g, i), mp[i / g.nsplit], sc);
+    });
+  }
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(7 * g.cap);
+    for (int64_t i = begin; i < end; ++i) {
+      const Task t = task_of(g, i);
+      const int64_t ng = i / g.nsplit;
+      const float mu = mp[ng], r = rp[ng];
+      float s_d = 0.f, s_xd = 0.f;
+      if (g.nsplit > 1) {
+        for (int64_t k = 0; k < g.nsplit; ++k) {
+          s_d += part[ng * g.nsplit + k].first;
+          s_xd += part[ng * g.nsplit + k].second;
+        }
+      } else if (xdp != nullptr) {
+        std::tie(s_d, s_xd) = jvp_sums(g, xo, xdo, t, mu, sc);
+      }
+      jvp_apply(g, xo, xdp, ydo, af, tg, t, mu, r, s_d / M, r * s_xd / M, silu, sc);
+    }
+  });
+  return yd;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (A30)
+// ---------------------------------------------------------------------------------------------
+// Per-channel sums P1 = sum da x^, P2 = sum da over a task's positions, written to p1[c * pstride],
+// p2[c * pstride] for the group's channels c = 0 .. Cg-1.
+void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const Task& t, float mu, float r,
+              bool silu, float* p1, float* p2, int64_t pstride, Scratch& sc) {
+  float* xb = sc.at(0, g.cap);
+  float* db = sc.at(1, g.cap);
+  const int64_t c0 = t.grp * g.Cg, n = t.n;
+  if (!g.cl) {
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      p1[c * pstride] = 0.f;
+      p2[c * pstride] = 0.f;
+    }
+    for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+      const int64_t cl = b.c - c0;
+      bwd_sums_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, af.A(n, b.c), af.B(n, b.c), silu,
+                     p1[cl * pstride], p2[cl * pstride]);
+    });
+    return;
+  }
+  float* Av = sc.at(2, g.cap);
+  float* Bv = sc.at(3, g.cap);
+  float* acc1 = sc.at(4, g.cap);
+  float* acc2 = sc.at(5, g.cap);
+  expand(g, Av, [&](int64_t c) { return af.A(n, c0 + c); });
+  expand(g, Bv, [&](int64_t c) { return af.B(n, c0 + c); });
+  std::fill(acc1, acc1 + g.cap, 0.f);
+  std::fill(acc2, acc2 + g.cap, 0.f);
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+    bwd_acc_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, Av, Bv, silu, acc1, acc2);
+  });
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t j = 0; j < g.rows; ++j) {
+      s1 += acc1[j * g.Cg + c];
+      s2 += acc2[j * g.Cg + c];
+    }
+    p1[c * pstride] = s1;
+    p2[c * pstride] = s2;
+  }
+}
+
+void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Affine& af, const Task& t, float mu,
+              float r, float m1, float m2, bool silu, Scratch& sc) {
+  float* xb = sc.at(0, g.cap);
+  float* db = sc.at(1, g.cap);
+  float* ob = sc.at(2, g.cap);
+  float* Av = sc.at(3, g.cap);
+  float* Bv = sc.at(4, g.cap);
+  const int64_t c0 = t.grp * g.Cg, n = t.n;
+  if (g.cl) {
+    expand(g, Av, [&](int64_t c) { return af.A(n, c0 + c); });
+    expand(g, Bv, [&](int64_t c) { return af.B(n, c0 + c); });
+  }
+  for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+    const float* xv = load(g, x, n, b, xb);
+    const float* dv = load(g, dy, n, b, db);
+    float* out = out_ptr(g, dx, n, b, ob);
+    if (g.cl) {
+      dx_block<true>(xv, dv, b.len, mu, r, m1, m2, Av, Bv, 0.f, 0.f, silu, out);
+    } else {
+      dx_block<false>(xv, dv, b.len, mu, r, m1, m2, nullptr, nullptr, af.A(n, b.c), af.B(n, b.c), silu, out);
+    }
+    store(g, dx, n, b, out);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    bool silu) {
+  const Geo g = make_geo(x, num_groups);
+  check_like(grad_y, x, g, "grad_y");
+  check_chan(weight, g, false, "weight");
+  check_chan(bias, g, false, "bias");
+  check_chan(scale, g, true, "scale");
+  check_chan(shift, g, true, "shift");
+  check_stats(mean, g, "mean");
+  check_stats(rstd, g, "rstd");
+  at::Tensor dx = empty_like_layout(x, g);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor p1 = at::empty({g.N, g.C}, f32), p2 = at::empty({g.N, g.C}, f32);
+  float* p1p = p1.mutable_data_ptr<float>();
+  float* p2p = p2.mutable_data_ptr<float>();
+  const Ncs xo = operand(x), dyo = operand(grad_y), dxo = output(dx);
+  const Affine af{chan_vec(weight, 1.f, false), chan_vec(bias, 0.f, false), chan_vec(scale, 1.f, true),
+                  chan_vec(shift, 0.f, true)};
+  const float* mp = mean.const_data_ptr<float>();
+  const float* rp = rstd.const_data_ptr<float>();
+  const float M = g.M();
+  // Group means of dx^ and dx^ x^ from the per-channel sums (A30), channels in order.
+  auto group_means = [&](int64_t n, int64_t grp) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
+      const float A = af.A(n, c);
+      s1 += A * p2p[n * g.C + c];
+      s2 += A * p1p[n * g.C + c];
+    }
+    return std::make_pair(s1 / M, s2 / M);
+  };
+  if (g.nsplit == 1) {
+    at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(6 * g.cap);
+      for (int64_t i = begin; i < end; ++i) {
+        const Task t = task_of(g, i);
+        const int64_t off = t.n * g.C + t.grp * g.Cg;
+        bwd_sums(g, xo, dyo, af, t, mp[i], rp[i], silu, p1p + off, p2p + off, 1, sc);
+        const auto [m1, m2] = group_means(t.n, t.grp);
+        dx_apply(g, xo, dyo, dxo, af, t, mp[i], rp[i], m1, m2, silu, sc);
+      }
+    });
+    return {dx, p1, p2};
+  }
+  // Split groups: per-split channel sums (N, C, nsplit), added in split order.
+  std::vector<float> q1(g.N * g.C * g.nsplit), q2(g.N * g.C * g.nsplit);
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(6 * g.cap);
+    for (int64_t i = begin; i < end; ++i) {
+      const Task t = task_of(g, i);
+      const int64_t off = (t.n * g.C + t.grp * g.Cg) * g.nsplit + t.k;
+      const int64_t ng = i / g.nsplit;
+      bwd_sums(g, xo, dyo, af, t, mp[ng], rp[ng], silu, q1.data() + off, q2.data() + off, g.nsplit, sc);
+    }
+  });
+  for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t k = 0; k < g.nsplit; ++k) {
+      s1 += q1[nc * g.nsplit + k];
+      s2 += q2[nc * g.nsplit + k];
+    }
+    p1p[nc] = s1;
+    p2p[nc] = s2;
+  }
+  std::vector<std::pair<float, float>> gm(g.N * g.G);
+  for (int64_t ng = 0; ng < g.N * g.G; ++ng) gm[ng] = group_means(ng / g.G, ng % g.G);
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(5 * g.cap);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ng = i / g.nsplit;
+      dx_apply(g, xo, dyo, dxo, af, task_of(g, i), mp[ng], rp[ng], gm[ng].first, gm[ng].second, silu, sc);
+    }
+  });
+  return {dx, p1, p2};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pixel norm (A11)
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kPnChunk = 256;  // positions per task in the planes layout
+
+// The (O, C, I) view: rows (I == 1, each row of C contiguous, row stride ro) or planes (stride(2) == 1:
+// position i of channel c of row o at o * so + c * sc + i).
+struct Pn {
+  int64_t O, C, I;
+  bool rows;
+};
+
+Pn pn_geo(const at::Tensor& a) {
+  TORCH_CHECK(a.device().is_cpu(), "pixel_norm: a must be a CPU tensor");
+  TORCH_CHECK(a.dim() == 3, "pixel_norm: a must be an (O, C, I) view, got shape ", a.sizes());
+  check_float(a, "a");
+  Pn p{a.size(0), a.size(1), a.size(2), false};
+  TORCH_CHECK(p.O > 0 && p.C > 0 && p.I > 0, "pixel_norm: a must not be empty, got ", a.sizes());
+  p.rows = p.I == 1 && (p.C == 1 || a.stride(1) == 1);
+  TORCH_CHECK(p.rows || p.I == 1 || a.stride(2) == 1, "pixel_norm: a must have stride(2) == 1, or I == 1 and "
+              "stride(1) == 1, got strides ", a.strides());
+  if (!p.rows) TORCH_CHECK(p.I == 1 || a.stride(2) == 1, "pixel_norm: bad strides ", a.strides());
+  return p;
+}
+
+void pn_check_like(const at::Tensor& t, const at::Tensor& a, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.sizes() == a.sizes() && t.scalar_type() == a.scalar_type() &&
+                  t.strides() == a.strides(),
+              "pixel_norm: ", name, " must have a's shape, dtype and strides");
+}
+
+at::Tensor pn_empty(const at::Tensor& a, const Pn& p) {
+  if (p.rows) return at::empty_strided({p.O, p.C, 1}, {p.C, 1, 1}, a.options());
+  return at::empty({p.O, p.C, p.I}, a.options());
+}
+
+SCM_GN_CLONES void pn_sumsq_acc(const float* __restrict a, int64_t n, float* __restrict acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * a[i];
+}
+SCM_GN_CLONES void pn_dot_acc(const float* __restrict a, const float* __restrict b, int64_t n, float* __restrict acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i];
+}
+SCM_GN_CLONES float pn_sumsq(const float* __restrict a, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * a[i + l];
+  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i] * a[i];
+  return fold(acc);
+}
+SCM_GN_CLONES float pn_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i] * b[i];
+  return fold(acc);
+}
+// out = a r (forward) or out = r (t - a k) with k = r^2 dot / C (jvp / backward); kVec: r, k per element.
+template <bool kVec>
+SCM_GN_CLONES void pn_out(const float* __restrict a, const float* __restrict t, int64_t n, const float* __restrict rv,
+                          const float* __restrict kv, float r0, float k0, float* __restrict out) {
+  if (t == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] * (kVec ? rv[i] : r0);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = (kVec ? rv[i] : r0) * (t[i] - a[i] * (kVec ? kv[i] : k0));
+  }
+}
+
+// One pass structure for the three directions: t == nullptr: forward (writes rstd); else the
+// jvp/backward of the tangent/gradient t with the saved rstd.
+void pn_run(const at::Tensor& a, const at::Tensor* t, at::Tensor& out, float* rstd, const float* rstd_in, float eps) {
+  const Pn p = pn_geo(a);
+  const Ncs ao = operand(a), oo = output(out);
+  const Ncs to = t != nullptr ? operand(*t) : Ncs{};
+  const int64_t sc_a = a.stride(1), sc_t = t != nullptr ? t->stride(1) : 0, sc_o = out.stride(1);
+  const float invC = 1.f / static_cast<float>(p.C);
+  if (p.rows) {
+    at::parallel_for(0, p.O, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(3 * p.C);
+      for (int64_t o = begin; o < end; ++o) {
+        const float* av = reinterpret_cast<const float*>(ao.base + o * a.stride(0) * ao.es);
+        if (ao.dt != at::kFloat) {
+          load_f32(ao.base + o * a.stride(0) * ao.es, ao.dt, p.C, buf.data());
+          av = buf.data();
+        }
+        const float* tv = nullptr;
+        float r, k = 0.f;
+        if (t == nullptr) {
+          r = 1.f / std::sqrt(pn_sumsq(av, p.C) * invC + eps);
+          rstd[o] = r;
+        } else {
+          const char* tp = to.base + o * t->stride(0) * to.es;
+          load_f32(tp, to.dt, p.C, buf.data() + p.C);
+          tv = buf.data() + p.C;
+          r = rstd_in[o];
+          k = r * r * pn_dot(av, tv, p.C) * invC;
+        }
+        char* op = oo.mbase + o * out.stride(0) * oo.es;
+        float* ov = oo.dt == at::kFloat ? reinterpret_cast<float*>(op) : buf.data() + 2 * p.C;
+        pn_out<false>(av, tv, p.C, nullptr, nullptr, r, k, ov);
+        if (oo.dt != at::kFloat) store_f32(ov, p.C, oo.dt, op);
+      }
+    });
+    return;
+  }
+  const int64_t nchunk = (p.I + kPnChunk - 1) / kPnChunk;
+  at::parallel_for(0, p.O * nchunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(6 * kPnChunk);
+    float *ab = buf.data(), *tb = ab + kPnChunk, *ob = tb + kPnChunk, *acc = ob + kPnChunk, *rv = acc + kPnChunk,
+          *kv = rv + kPnChunk;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o = task / nchunk, i0 = (task % nchunk) * kPnChunk, n = std::min(kPnChunk, p.I - i0);
+      auto row = [&](const Ncs& x, int64_t sn, int64_t sc, int64_t c, float* b) {
+        const char* q = x.base + (o * sn + c * sc + i0) * x.es;
+        if (x.dt == at::kFloat) return reinterpret_cast<const float*>(q);
+        load_f32(q, x.dt, n, b);
+        return static_cast<const float*>(b);
+      };
+      std::fill(acc, acc + n, 0.f);
+      for (int64_t c = 0; c < p.C; ++c) {
+        const float* av = row(ao, a.stride(0), sc_a, c, ab);
+        if (t == nullptr) {
+          pn_sumsq_acc(av, n, acc);
+        } else {
+          pn_dot_acc(av, row(to, t->stride(0), sc_t, c, tb), n, acc);
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        if (t == nullptr) {
+          rv[i] = 1.f / std::sqrt(acc[i] * invC + eps);
+          rstd[o * p.I + i0 + i] = rv[i];
+        } else {
+          rv[i] = rstd_in[o * p.I + i0 + i];
+          kv[i] = rv[i] * rv[i] * acc[i] * invC;
+        }
+      }
+      for (int64_t c = 0; c < p.C; ++c) {
+        const float* av = row(ao, a.stride(0), sc_a, c, ab);
+        const float* tv = t != nullptr ? row(to, t->stride(0), sc_t, c, tb) : nullptr;
+        char* op = oo.mbase + (o * out.stride(0) + c * sc_o + i0) * oo.es;
+        float* ov = oo.dt == at::kFloat ? reinterpret_cast<float*>(op) : ob;
+        pn_out<true>(av, tv, n, rv, kv, 0.f, 0.f, ov);
+        if (oo.dt != at::kFloat) store_f32(ov, n, oo.dt, op);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_norm_cpu(const at::Tensor& a, double eps) {
+  const Pn p = pn_geo(a);
+  at::Tensor y = pn_empty(a, p);
+  at::Tensor rstd = at::empty({p.O, p.I}, a.options().dtype(at::kFloat));
+  pn_run(a, nullptr, y, rstd.mutable_data_ptr<float>(), nullptr, static_cast<float>(eps));
+  return {y, rstd};
+}
+
+void pn_check_rstd(const at::Tensor& rstd, const Pn& p) {
+  TORCH_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
+                  rstd.numel() == p.O * p.I,
+              "pixel_norm: rstd must be a contiguous float32 (O, I) CPU tensor");
+}
+
+at::Tensor pixel_norm_jvp_cpu(const at::Tensor& a, const at::Tensor& a_dot, const at::Tensor& rstd) {
+  const Pn p = pn_geo(a);
+  pn_check_like(a_dot, a, "a_dot");
+  pn_check_rstd(rstd, p);
+  at::Tensor out = pn_empty(a, p);
+  pn_run(a, &a_dot, out, nullptr, rstd.const_data_ptr<float>(), 0.f);
+  return out;
+}
+
+at::Tensor pixel_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& rstd) {
+  const Pn p = pn_geo(a);
+  pn_check_like(grad, a, "grad");
+  pn_check_rstd(rstd, p);
+  at::Tensor out = pn_empty(a, p);
+  pn_run(a, &grad, out, nullptr, rstd.const_data_ptr<float>(), 0.f);
+  return out;
+}
+
+}  // namespace
+}  // namespace scm::cpu
+
+TORCH_LIBRARY_IMPL(scm, CPU, m) {
+  m.impl("group_norm", &scm::cpu::group_norm_cpu);
+  m.impl("group_norm_jvp", &scm::cpu::group_norm_jvp_cpu);
+  m.impl("group_norm_backward", &scm::cpu::group_norm_backward_cpu);
+  m.impl("pixel_norm", &scm::cpu::pixel_norm_cpu);
+  m.impl("pixel_norm_jvp", &scm::cpu::pixel_norm_jvp_cpu);
+  m.impl("pixel_norm_backward", &scm::cpu::pixel_norm_backward_cpu);
+}

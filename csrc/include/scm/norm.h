@@ -1,0 +1,97 @@
+// Scalar math of the normalization ops (group_norm A28-A30, pixel_norm A11), shared by the CPU and
+// CUDA kernels (SCM_HD: host and device). Labels refer to shared/docs/algorithm.md.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "scm/math.h"
+
+// Host: always inlined, so that the CPU loops calling these functions vectorize (GCC's inlining
+// heuristics otherwise leave a call to exp_poly in large loop bodies, which then run scalar).
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define SCM_NORM_HD SCM_HD
+#else
+#define SCM_NORM_HD inline __attribute__((always_inline))
+#endif
+
+namespace scm {
+
+// a / b and 1 / sqrt(v): IEEE on the host; on the device the fast forms (__fdividef, rsqrtf; a few
+// ulp), because the IEEE division and square root call a slow-path subroutine whose call frame
+// makes ptxas spill the registers live across it.
+SCM_NORM_HD float fdiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
+SCM_NORM_HD float rsqrt_of(float v) {
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(v);
+#else
+  return 1.f / sqrtf(v);
+#endif
+}
+
+// Moments (count, mean, M2 = sum (x - mean)^2) of a set of values. Two sets merge exactly with
+// Chan et al.'s formula, so statistics are built from exact two-pass moments of small blocks and
+// never from E[x^2] - E[x]^2.
+struct Moments {
+  float n, mean, m2;
+};
+
+SCM_NORM_HD Moments merge(Moments a, Moments b) {
+  const float n = a.n + b.n;
+  if (n == 0.f) return a;
+  const float d = b.mean - a.mean;
+  const float w = fdiv(b.n, n);
+  return {n, a.mean + d * w, a.m2 + b.m2 + d * d * (a.n * w)};
+}
+
+// r = (sigma^2 + eps)^(-1/2) of a group of M elements with moments m.
+SCM_NORM_HD float group_rstd(const Moments& m, float M, float eps) { return rsqrt_of(fdiv(m.m2, M) + eps); }
+
+// e^x for |x| <= 87 (~1 ulp; garbage outside, see sigmoid): x = k ln2 + f with |f| <= ln2 / 2, the
+// Cephes expf polynomial for e^f, and 2^k built in the exponent bits. Branch-free and call-free,
+// so CPU loops over it vectorize (std::exp does not without -ffast-math).
+SCM_NORM_HD float exp_poly(float x) {
+  // k = round(x / ln 2): adding and removing 1.5 * 2^23 rounds to nearest in the current mode.
+  const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return p * two_k;
+}
+
+// sigmoid(a) = 1 / (1 + e^-a). Host: exp_poly, saturated to 1 / 0 for |a| > 80 (where it is 1 or
+// < 2e-35) by selects at the very end. Clamping a before exp_poly instead lets the compiler
+// evaluate the clamped branch (a / (1 + e^80)) in every vector lane, whose denormal results cost a
+// microcode assist per vector (10x slower loops). Device: expf.
+SCM_NORM_HD float sigmoid(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(1.f, 1.f + expf(-a));  // 0 for 1 + e^-a = inf (a < -88)
+#else
+  float s = 1.f / (1.f + exp_poly(-a));
+  s = a > 80.f ? 1.f : s;
+  s = a < -80.f ? 0.f : s;
+  return s;
+#endif
+}
+
+// (A28) SiLU and its derivative from sigmoid(a) = sig:
+//   SiLU(a) = a sig,  SiLU'(a) = sig (1 + a (1 - sig)).
+SCM_NORM_HD float silu_from_sig(float a, float sig) { return a * sig; }
+SCM_NORM_HD float silu_grad_from_sig(float a, float sig) { return sig * (1.f + a * (1.f - sig)); }
+
+}  // namespace scm

@@ -1,0 +1,128 @@
+"""Fused GroupNorm with time modulation and SiLU: forward, backward and forward-mode JVP (A28-A30).
+
+Per sample n and group g of M = (C / G) * spatial elements (labels of shared/docs/algorithm.md):
+
+    mu = mean(x),  sigma^2 = mean((x - mu)^2)        (fp32, two-pass / Chan merges; never E[x^2] - E[x]^2)
+    r  = (sigma^2 + eps)^(-1/2),  x^ = (x - mu) r
+    (A28)  a = (x^ gamma_c + beta_c) s_{n,c} + b_{n,c},   y = SiLU(a) = a sigmoid(a)  (or y = a)
+    (A29)  x^_dot = r (x_dot - mean(x_dot) - x^ mean(x^ x_dot))
+           a_dot  = (x^_dot gamma + x^ gamma_dot + beta_dot) s + (x^ gamma + beta) s_dot + b_dot,
+           y_dot  = SiLU'(a) a_dot,  SiLU'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
+    (A30)  da = dy SiLU'(a),  dx^ = da s gamma,  dx = r (dx^ - mean(dx^) - x^ mean(dx^ x^)),
+           dgamma_c = sum da s x^,  dbeta_c = sum da s,  ds_{n,c} = sum_sp da (x^ gamma + beta),
+           db_{n,c} = sum_sp da
+
+Classic AdaGN passes scale = 1 + s(emb), shift = b(emb); the paper's adaptive double normalization
+passes scale = pixel_norm(s(emb)), shift = pixel_norm(b(emb)) (A11, see scm_kernels.nn.AdaptiveGroupNorm).
+
+Derivatives: loss.backward(), torch.func.jvp and torch.autograd.forward_ad dual tensors, w.r.t. x,
+weight, bias, scale and shift, also deep inside a model that is JVP'ed as a whole. Backward and
+JVP are deterministic (fixed reduction orders, no atomics). Statistics and arithmetic are fp32;
+y has x's dtype; gradients come back in each argument's own dtype.
+
+Layouts: contiguous NCHW and channels_last (NHWC / NDHWC, or (N, L, C) memory for 1-D) inputs,
+and batch slices of them, run without copies and give outputs in the same layout. Other strides
+are copied once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scm_kernels import _autograd, _checks
+from scm_kernels import backend as _backend
+from scm_kernels.group_norm import reference
+from scm_kernels.group_norm.function import GroupNormFunction, dense, forward_kernel
+
+_GroupNormTraceable = _autograd.traceable(GroupNormFunction)  # the Function as torch.compile traces it
+
+OP = "scm_kernels.group_norm"
+ACTIVATIONS = (None, "silu")
+
+__all__ = ["group_norm", "GroupNormFunction", "reference"]
+
+
+def _param(v, name: str, x: torch.Tensor, shape: tuple, allowed: str) -> torch.Tensor | None:
+    """A per-channel (C,) or per-(sample, channel) (N, C) tensor: checked and returned as given."""
+    if v is None:
+        return None
+    _checks.tensor(v, name, OP)
+    if v.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{OP}: {name} must have x's dtype ({x.dtype}) or torch.float32, got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{OP}: {name} is on {v.device} but x is on {x.device}; all tensors must be on one device")
+    N, C = x.shape[0], x.shape[1]
+    ok = tuple(v.shape) == shape
+    if len(shape) == 2 and not ok:  # (N, C, 1, ..., 1) is accepted for the modulation
+        ok = v.dim() == x.dim() and tuple(v.shape[:2]) == (N, C) and all(s == 1 for s in v.shape[2:])
+    if not ok:
+        raise ValueError(f"{OP}: {name} must have shape {allowed}, got {tuple(v.shape)}")
+    return v
+
+
+def _needs_autograd(*tensors) -> bool:
+    """True when the call must go through the autograd.Function: something requires grad, a
+    forward-AD level is open (dual tensors may carry tangents), or a functorch transform is active."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch._C._are_functorch_transforms_active()
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, scale: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None, activation: str | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """y = act((GroupNorm(x) * weight + bias) * scale + shift) (A28), x's shape, dtype and layout.
+
+    Args:
+        x: (N, C, *spatial) with 1 to 3 spatial dims, float32/float16/bfloat16 (float64 for tests).
+        num_groups: G, an int >= 1 dividing C.
+        weight, bias: (C,) affine parameters gamma, beta of the norm (None: 1 and 0); x's dtype or
+            float32.
+        eps: > 0, added to the variance.
+        scale, shift: (N, C) (or (N, C, 1, ..., 1)) modulation s, b broadcast over the spatial dims
+            (None: 1 and 0); x's dtype or float32. Classic AdaGN: scale = 1 + s(emb).
+        activation: None or "silu".
+        backend: None (automatic), "triton", "cuda", "cpu" or "reference" (see scm_kernels.backend).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _checks.FLOAT_DTYPES_64:
+        raise TypeError(f"{OP}: x must have dtype in (float32, float16, bfloat16, float64), got {x.dtype}")
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(f"{OP}: x must have shape (N, C, *spatial) with 1 to 3 spatial dims, got shape "
+                         f"{tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{OP}: x must not be empty (every dim >= 1), got shape {tuple(x.shape)}")
+    N, C = x.shape[0], x.shape[1]
+    G = _checks.integer(num_groups, "num_groups", OP, min_value=1)
+    if C % G:
+        raise ValueError(f"{OP}: num_groups must divide the channels C = {C}, got num_groups = {G}")
+    eps = _checks.number(eps, "eps", OP, positive=True)
+    activation = _checks.choice(activation, "activation", OP, ACTIVATIONS)
+    weight = _param(weight, "weight", x, (C,), f"({C},)")
+    bias = _param(bias, "bias", x, (C,), f"({C},)")
+    scale = _param(scale, "scale", x, (N, C), f"({N}, {C}) or ({N}, {C}, 1, ...)")
+    shift = _param(shift, "shift", x, (N, C), f"({N}, {C}) or ({N}, {C}, 1, ...)")
+
+    name = _backend.select(x.device, backend, op=OP)
+    if name == "reference":
+        return reference.group_norm(x, G, weight, bias, eps, scale, shift, activation)
+    if name == "triton" and x[0].numel() >= 2**31:
+        raise ValueError(f"{OP}: backend 'triton' needs fewer than 2^31 elements per sample, got {x[0].numel()}")
+
+    # Kernel backends: per-channel operands as float32 (differentiable casts; no-ops when already
+    # float32), the modulation as (N, C).
+    f32 = torch.float32
+    w32 = weight.to(f32) if weight is not None else None
+    b32 = bias.to(f32) if bias is not None else None
+    s32 = scale.reshape(N, C).to(f32) if scale is not None else None
+    sh32 = shift.reshape(N, C).to(f32) if shift is not None else None
+    xd = dense(x)
+    silu = activation == "silu"
+    if not _needs_autograd(xd, w32, b32, s32, sh32):
+        return forward_kernel(xd, w32, b32, s32, sh32, G, eps, silu, name)[0]
+    y, _, _ = _autograd.apply(GroupNormFunction, _GroupNormTraceable, xd, w32, b32, s32, sh32, G, eps, silu, name)
+    return y

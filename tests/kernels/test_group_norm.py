@@ -1,0 +1,653 @@
+"""Tests of scm_kernels.group_norm (A28-A30) and scm_kernels.nn.AdaptiveGroupNorm: every backend
+against the float64 composite F.group_norm -> mul/add -> silu (the 2x-PyTorch rule of
+tests/conftest.py) for the output, the gradients w.r.t. x, weight, bias, scale, shift and the JVP;
+hypothesis shapes (C = 1, groups = 1, groups = C, one spatial element, odd sizes, 3-D to 5-D inputs,
+channels_last, batch slices), split groups, gradcheck, finite differences, forward-AD dual tensors,
+large-offset numerics, determinism, layouts without copies, channels_last JVP, argument errors,
+opcheck, torch.compile and the AOT specs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scm_kernels import backend as _backend
+from scm_kernels.group_norm import function as gn_function
+from scm_kernels.group_norm import group_norm, reference
+from tests.conftest import DTYPES, FD_TOL, assert_rule, max_err
+
+ref_gn = reference.group_norm
+_interp = _backend.triton_interpret() and _backend.triton_available()
+_has_ext = _backend.extension_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+def _layout(x: torch.Tensor, layout: str, gen) -> torch.Tensor:
+    """x (float64, contiguous) in the given memory layout, same values."""
+    if layout == "channels_last":
+        N, C, *sp = x.shape
+        base = torch.empty((N, *sp, C), dtype=x.dtype)
+        return base.copy_(x.movedim(1, -1)).movedim(-1, 1)
+    if layout == "slice":  # every other sample of a bigger batch
+        big = torch.randn((2 * x.shape[0],) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype)
+        big[::2] = x
+        return big[::2]
+    return x
+
+
+def make_case(N, C, G, spatial, dtype=torch.float32, layout="contig", weight=True, bias=True, scale=True,
+              shift=True, pdtype=None, act="silu", offset=0.0, seed=0):
+    """Keyword arguments of one group_norm call (x in `dtype` and `layout`, parameters in pdtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    pdtype = pdtype or dtype
+    x = torch.randn((N, C) + tuple(spatial), generator=gen, dtype=torch.float64) * 1.5 + offset
+    kw = dict(x=_layout(x.to(dtype), layout, gen), num_groups=G, eps=1e-5, activation=act)
+
+    def p(shape, center, spread):
+        return (center + spread * torch.randn(shape, generator=gen, dtype=torch.float64)).to(pdtype)
+
+    kw["weight"] = p((C,), 1.0, 0.5) if weight else None
+    kw["bias"] = p((C,), 0.0, 0.5) if bias else None
+    kw["scale"] = p((N, C), 1.0, 0.3) if scale else None
+    kw["shift"] = p((N, C), 0.0, 0.5) if shift else None
+    return kw
+
+
+PARAMS = ("weight", "bias", "scale", "shift")
+
+
+def _call(kw, name):
+    kw = dict(kw)
+    return group_norm(kw.pop("x"), kw.pop("num_groups"), kw.pop("weight"), kw.pop("bias"), kw.pop("eps"),
+                      scale=kw.pop("scale"), shift=kw.pop("shift"), activation=kw.pop("activation"), backend=name)
+
+
+def _ref(kw):
+    return ref_gn(kw["x"], kw["num_groups"], kw["weight"], kw["bias"], kw["eps"], kw["scale"], kw["shift"],
+                  kw["activation"])
+
+
+def _cast(kw, dtype):
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _to(device, kw):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _all(fn, kw, dy, tangents):
+    """(y, gradients of (x, weight, bias, scale, shift) for upstream dy, JVP along tangents)."""
+    names = ["x"] + [k for k in PARAMS if kw[k] is not None]
+    leaves = {k: kw[k].detach().clone().requires_grad_() for k in names}
+    y = fn({**kw, **leaves})
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy.to(y.dtype))
+    _, jvp = torch.func.jvp(lambda *p: fn({**kw, **dict(zip(names, p))}), tuple(kw[k] for k in names),
+                            tuple(tangents[k].to(kw[k].dtype) for k in names))
+    return y.detach(), dict(zip(names, grads)), jvp
+
+
+def check_against_reference(name, device, kw, what=""):
+    """Backend `name` vs the float64 oracle and PyTorch's own result in the inputs' dtypes: y, every
+    gradient and the JVP (tolerance rule of tests/conftest.py); y keeps x's dtype and layout."""
+    dtype = kw["x"].dtype
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(kw["x"].shape, generator=gen, dtype=torch.float64)
+    tangents = {k: torch.randn(kw[k].shape, generator=gen, dtype=torch.float64)
+                for k in ("x",) + PARAMS if kw[k] is not None}
+    k = _all(lambda a: _call(a, name), _to(device, kw), dy.to(device), _to(device, tangents))
+    r64 = _all(_ref, _cast(kw, torch.float64), dy, tangents)
+    rlp = _all(_ref, kw, dy, tangents)
+    y = k[0]
+    assert y.dtype == dtype and y.shape == kw["x"].shape
+    if name != "reference" and kw["x"].dim() in (4, 5) and kw["x"].shape[1] > 1 and kw["x"][0, 0].numel() > 1:
+        fmt = torch.channels_last if kw["x"].dim() == 4 else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt) == (gn_function.layout_of(kw["x"]) is True)
+    assert_rule(y.cpu(), r64[0], rlp[0], dtype, what=f"{what} y")
+    for g in k[1]:
+        assert k[1][g].dtype == kw[g].dtype and k[1][g].shape == kw[g].shape
+        assert_rule(k[1][g].cpu(), r64[1][g], rlp[1][g], dtype, what=f"{what} d{g}")
+    assert_rule(k[2].cpu(), r64[2], rlp[2], dtype, what=f"{what} jvp")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.reference
+def test_reference_matches_formulas():
+    """The reference against (A28) written out with explicit group statistics, in float64."""
+    kw = _cast(make_case(2, 6, 3, (4, 5), seed=3), torch.float64)
+    x = kw["x"]
+    xg = x.reshape(2, 3, -1)
+    mu = xg.mean(-1, keepdim=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdim=True)
+    xh = ((xg - mu) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+    a = (xh * kw["weight"][:, None, None] + kw["bias"][:, None, None]) * kw["scale"][:, :, None, None] \
+        + kw["shift"][:, :, None, None]
+    torch.testing.assert_close(_ref(kw), a * torch.sigmoid(a), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.reference
+def test_reference_derivative_formulas():
+    """(A29) and (A30) as written in algorithm.md equal autograd / forward AD of the reference."""
+    kw = _cast(make_case(2, 6, 3, (5,), seed=4), torch.float64)
+    x, w, b, s, sh = kw["x"], kw["weight"], kw["bias"], kw["scale"], kw["shift"]
+    gen = torch.Generator().manual_seed(5)
+    xd, wd, bd, sd, shd, dy = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (x, w, b, s, sh, x))
+    xg = x.reshape(2, 3, -1)
+    mu = xg.mean(-1, keepdim=True)
+    r = 1 / torch.sqrt(((xg - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+    xh = ((xg - mu) * r).reshape(x.shape)
+    W, B, S, SH = w[:, None], b[:, None], s[:, :, None], sh[:, :, None]
+    a = (xh * W + B) * S + SH
+    sig = torch.sigmoid(a)
+    dsilu = sig * (1 + a * (1 - sig))
+    # (A29)
+    xdg = xd.reshape(2, 3, -1)
+    xhg = xh.reshape(2, 3, -1)
+    xhd = (r * (xdg - xdg.mean(-1, keepdim=True) - xhg * (xhg * xdg).mean(-1, keepdim=True))).reshape(x.shape)
+    ad = (xhd * W + xh * wd[:, None] + bd[:, None]) * S + (xh * W + B) * sd[:, :, None] + shd[:, :, None]
+    _, jvp = torch.func.jvp(lambda *p: ref_gn(p[0], 3, p[1], p[2], 1e-5, p[3], p[4], "silu"), (x, w, b, s, sh),
+                            (xd, wd, bd, sd, shd))
+    torch.testing.assert_close(jvp, dsilu * ad, rtol=1e-10, atol=1e-10)
+    # (A30)
+    da = dy * dsilu
+    dxh = (da * S * W).reshape(2, 3, -1)
+    dx = (r * (dxh - dxh.mean(-1, keepdim=True) - xhg * (dxh * xhg).mean(-1, keepdim=True))).reshape(x.shape)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, s, sh)]
+    g = torch.autograd.grad(ref_gn(leaves[0], 3, *leaves[1:3], 1e-5, *leaves[3:], "silu"), leaves, dy)
+    expect = (dx, (da * S * xh).sum((0, 2)), (da * S).sum((0, 2)), (da * (xh * W + B)).sum(2), da.sum(2))
+    for got, want in zip(g, expect):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the oracle
+# ---------------------------------------------------------------------------------------------
+# (C, G) pairs: C = 1, groups = 1, groups = C, odd channel counts.
+CG = [(1, 1), (4, 1), (6, 6), (6, 3), (10, 5), (12, 4), (3, 3), (8, 2)]
+SPATIAL = [(1,), (7,), (1, 1), (3, 5), (4, 4), (2, 3, 3), (1, 5, 2), (13,)]
+
+
+@st.composite
+def cases(draw):
+    C, G = draw(st.sampled_from(CG))
+    spatial = draw(st.sampled_from(SPATIAL))
+    layouts = ["contig", "slice"] + (["channels_last"] if C > 1 else [])
+    dtype = draw(st.sampled_from(DTYPES))
+    return dict(
+        N=draw(st.sampled_from([1, 2, 3])), C=C, G=G, spatial=spatial, dtype=dtype,
+        layout=draw(st.sampled_from(layouts)), weight=draw(st.booleans()), bias=draw(st.booleans()),
+        scale=draw(st.booleans()), shift=draw(st.booleans()),
+        pdtype=draw(st.sampled_from([dtype, torch.float32])), act=draw(st.sampled_from([None, "silu"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@given(case=cases())
+def test_matches_reference(kernel_backend, case):
+    name, device = kernel_backend
+    check_against_reference(name, device, make_case(**case), what=f"{name} {case}")
+
+
+@pytest.mark.parametrize("N,C,G,spatial,layout", [
+    (2, 32, 4, (9, 10), "contig"),       # several tiles per group (Triton), blocks (CPU)
+    (2, 64, 2, (3, 50), "channels_last"),
+    (1, 8, 8, (97,), "contig"),          # one channel per group
+    (1, 6, 1, (33, 35), "contig"),       # several CPU blocks per channel
+    (3, 12, 3, (2, 3, 4), "channels_last"),
+])
+def test_awkward_shapes(kernel_backend, N, C, G, spatial, layout):
+    name, device = kernel_backend
+    kw = make_case(N, C, G, spatial, layout=layout, seed=N + C)
+    check_against_reference(name, device, kw, what=f"{name} {N},{C},{G},{spatial},{layout}")
+
+
+def test_reference_backend(backend):
+    """The public function on every backend (the reference included), bf16 x with fp32 parameters."""
+    name, device = backend
+    kw = make_case(2, 8, 4, (3, 5), dtype=torch.bfloat16, pdtype=torch.float32, layout="channels_last", seed=11)
+    check_against_reference(name, device, kw, what=name)
+
+
+@pytest.fixture
+def split_groups(monkeypatch):
+    """Makes the Triton launcher split every group over several programs (as on a GPU at batch 1)."""
+    if _interp:
+        from scm_kernels.group_norm import triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "INTERPRETER_TARGET_PROGRAMS", 64)
+        monkeypatch.setattr(triton_kernels, "MIN_PER_PROGRAM", 1)
+
+
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_split_groups(kernel_backend, split_groups, layout):
+    """Groups split over several programs / tasks (partial statistics merged in a second stage):
+    Triton with the split forced; the CPU splits groups of >= 2 x 16384 elements when N * G < 64."""
+    name, device = kernel_backend
+    if name == "triton":
+        from scm_kernels.group_norm import triton_kernels
+
+        shape = (1, 8, 2, (5, 300))
+        bc, bs, nsplit, _ = triton_kernels.plan(1, 8, 1500, 2, torch.device(device))
+        assert nsplit > 1
+    else:
+        shape = (1, 4, 1, (96, 96))  # M = 36864: 2 tasks per group on the CPU
+    N, C, G, spatial = shape
+    kw = make_case(N, C, G, spatial, layout=layout, seed=13)
+    check_against_reference(name, device, kw, what=f"{name} split {layout}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics
+# ---------------------------------------------------------------------------------------------
+def test_large_offset(kernel_backend):
+    """x * 0.01 + 1e4 in fp32: at least as accurate as PyTorch's own fp32 group_norm (within 2x);
+    the one-pass variance E[x^2] - E[x]^2 gives garbage on the same data."""
+    name, device = kernel_backend
+    gen = torch.Generator().manual_seed(17)
+    x64 = torch.randn(2, 8, 16, 16, generator=gen, dtype=torch.float64) * 0.01 + 1e4
+    x = x64.float()
+    w = torch.rand(8, generator=gen, dtype=torch.float64) + 0.5
+    y = group_norm(x.to(device), 4, w.float().to(device), backend=name).cpu()
+    ref64 = F.group_norm(x.double(), 4, w)
+    torch32 = F.group_norm(x, 4, w.float())
+    assert_rule(y, ref64, torch32, torch.float32, what=f"{name} large offset")
+    # A real normalization, not "within 2x of something bad": the only error left is the fp32
+    # rounding of mu near 1e4 (half an ulp, 5e-4) relative to sigma = 0.01, as in PyTorch.
+    assert max_err(y, ref64) < 0.25
+    xg = x.reshape(2, 4, -1)
+    naive_var = (xg * xg).mean(-1) - xg.mean(-1) ** 2
+    true_var = x.double().reshape(2, 4, -1).var(-1, unbiased=False)
+    assert float((naive_var.double() - true_var).abs().max()) > 10 * float(true_var.max())
+    # backward and JVP stay accurate too
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    xk = x.to(device).requires_grad_()
+    gk = torch.autograd.grad(group_norm(xk, 4, backend=name, activation="silu"), xk, dy.float().to(device))[0]
+    x64r = x.double().requires_grad_()
+    g64 = torch.autograd.grad(F.silu(F.group_norm(x64r, 4)), x64r, dy)[0]
+    x32r = x.clone().requires_grad_()
+    g32 = torch.autograd.grad(F.silu(F.group_norm(x32r, 4)), x32r, dy.float())[0]
+    assert_rule(gk.cpu(), g64, g32, torch.float32, what=f"{name} large offset dx")
+    _, jk = torch.func.jvp(lambda a: group_norm(a, 4, backend=name), (x.to(device),), (dy.float().to(device),))
+    _, j64 = torch.func.jvp(lambda a: F.group_norm(a, 4), (x.double(),), (dy,))
+    _, j32 = torch.func.jvp(lambda a: F.group_norm(a, 4), (x,), (dy.float(),))
+    assert_rule(jk.cpu(), j64, j32, torch.float32, what=f"{name} large offset jvp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Derivatives
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_gradcheck(backend, layout):
+    """gradcheck of backward and forward AD w.r.t. all five inputs on float64 inputs. The kernels
+    compute in fp32, so their differences use eps = 1e-3 (FD error ~eps^2, rounding ~1e-7 / eps),
+    in gradcheck's fast mode (random projections of the Jacobian: a few calls instead of one per
+    element, which the Triton interpreter needs); the reference is checked in full with the float64
+    tolerances."""
+    name, device = backend
+    if name == "triton" and layout == "contig":
+        pytest.skip("the interpreter is slow; contiguous inputs are covered by the other tests")
+    kw = _to(device, _cast(make_case(2, 4, 2, (3, 2), layout=layout, seed=19), torch.float64))
+
+    def f(x, w, b, s, sh):
+        return _call({**kw, "x": x, "weight": w, "bias": b, "scale": s, "shift": sh}, name)
+
+    inputs = tuple(kw[k].clone().requires_grad_() for k in ("x",) + PARAMS)
+    tol = FD_TOL if name == "reference" else dict(eps=1e-3, atol=2e-3, rtol=2e-3, fast_mode=True)
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, **tol)
+
+
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_jvp_finite_differences(backend, act):
+    """The JVP (torch.func.jvp of the public function, all five tangents) vs a float64 central
+    difference of the reference."""
+    name, device = backend
+    kw = make_case(2, 6, 3, (4, 3), act=act, seed=23)
+    gen = torch.Generator().manual_seed(2)
+    names = ("x",) + PARAMS
+    tangents = [torch.randn(kw[k].shape, generator=gen) for k in names]
+    k64 = _cast(kw, torch.float64)
+    eps = 1e-6
+
+    def h(e):
+        return _ref({**k64, **{k: k64[k] + e * t.double() for k, t in zip(names, tangents)}})
+
+    fd = (h(eps) - h(-eps)) / (2 * eps)
+    kd = _to(device, kw)
+    _, out = torch.func.jvp(lambda *p: _call({**kd, **dict(zip(names, p))}, name), tuple(kd[k] for k in names),
+                            tuple(t.to(device) for t in tangents))
+    _, torch32 = torch.func.jvp(lambda *p: _ref({**kw, **dict(zip(names, p))}), tuple(kw[k] for k in names),
+                                tuple(tangents))
+    assert_rule(out.cpu(), fd, torch32, torch.float32, what=f"{name} jvp vs FD")
+
+
+def test_jvp_partial_tangents(backend):
+    """Tangents on a subset of the inputs (only x; only scale and shift: the time-embedding path)."""
+    name, device = backend
+    kw = _to(device, make_case(2, 6, 2, (5,), seed=29))
+    gen = torch.Generator().manual_seed(3)
+    for which in (("x",), ("scale", "shift"), ("weight",)):
+        tans = tuple(torch.randn(kw[k].shape, generator=gen).to(device) for k in which)
+        _, out = torch.func.jvp(lambda *p: _call({**kw, **dict(zip(which, p))}, name), tuple(kw[k] for k in which),
+                                tans)
+        k64 = _cast(_to("cpu", kw), torch.float64)
+        _, r64 = torch.func.jvp(lambda *p: _ref({**k64, **dict(zip(which, p))}), tuple(k64[k] for k in which),
+                                tuple(t.double().cpu() for t in tans))
+        kcpu = _to("cpu", kw)
+        _, r32 = torch.func.jvp(lambda *p: _ref({**kcpu, **dict(zip(which, p))}), tuple(kcpu[k] for k in which),
+                                tuple(t.cpu() for t in tans))
+        assert_rule(out.cpu(), r64, r32, torch.float32, what=f"{name} jvp {which}")
+
+
+def test_forward_ad_dual_tensors(backend):
+    """torch.autograd.forward_ad gives the same tangent as torch.func.jvp."""
+    import torch.autograd.forward_ad as fwAD
+
+    name, device = backend
+    kw = _to(device, make_case(2, 4, 2, (3, 3), seed=31))
+    xd, sd = torch.randn_like(kw["x"]), torch.randn_like(kw["scale"])
+    with fwAD.dual_level():
+        out = _call({**kw, "x": fwAD.make_dual(kw["x"], xd), "scale": fwAD.make_dual(kw["scale"], sd)}, name)
+        tangent = fwAD.unpack_dual(out).tangent
+    _, ref = torch.func.jvp(lambda x, s: _call({**kw, "x": x, "scale": s}, name), (kw["x"], kw["scale"]), (xd, sd))
+    # the kernels run the same jvp either way; PyTorch's own formulas (reference) may round differently
+    tol = dict(rtol=1e-6, atol=1e-6) if name == "reference" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(tangent, ref, **tol)
+
+
+def test_jvp_channels_last(kernel_backend):
+    """torch.func.jvp works on channels_last inputs (in torch 2.13 it fails for F.group_norm) and the
+    tangent keeps the layout."""
+    name, device = kernel_backend
+    kw = _to(device, make_case(2, 8, 4, (5, 6), layout="channels_last", seed=37))
+    xd = torch.randn_like(kw["x"])
+    try:  # the torch limitation this op removes (may be fixed in a later torch)
+        torch.func.jvp(lambda x: F.group_norm(x, 4), (kw["x"].cpu(),), (xd.cpu(),))
+    except RuntimeError as e:
+        assert "view size is not compatible" in str(e)
+    y, yd = torch.func.jvp(lambda x: _call({**kw, "x": x}, name), (kw["x"],), (xd,))
+    assert yd.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous(memory_format=torch.channels_last)
+    k64 = _cast(_to("cpu", kw), torch.float64)
+    _, r64 = torch.func.jvp(lambda x: _ref({**k64, "x": x}), (k64["x"],), (xd.double().cpu(),))
+    kcpu = _to("cpu", kw)
+    _, r32 = torch.func.jvp(lambda x: _ref({**kcpu, "x": x}), (kcpu["x"],), (xd.cpu(),))
+    assert_rule(yd.cpu(), r64, r32, torch.float32, what=f"{name} channels_last jvp")
+
+
+def test_jvp_inside_model(backend):
+    """torch.func.jvp and a backward through conv -> group_norm -> conv, against the reference backend."""
+    name, device = backend
+    torch.manual_seed(41)
+    conv1, conv2 = torch.nn.Conv2d(3, 8, 3, padding=1).double(), torch.nn.Conv2d(8, 3, 1).double()
+    emb = torch.randn(2, 16, dtype=torch.float64)
+    lin = torch.nn.Linear(16, 16).double()
+
+    def model(x, be):
+        s, b = lin(emb).chunk(2, dim=1)
+        h = group_norm(conv1(x).float().to(device), 4, scale=(1 + s).float().to(device), shift=b.float().to(device),
+                       activation="silu", backend=be)
+        return conv2(h.cpu().double())
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xd = torch.randn_like(x)
+    y, yd = torch.func.jvp(lambda a: model(a, name), (x,), (xd,))
+    y0, yd0 = torch.func.jvp(lambda a: model(a, "reference"), (x,), (xd,))
+    torch.testing.assert_close(yd, yd0, rtol=1e-4, atol=1e-4)
+    g = torch.autograd.grad(model(x, name).sum(), conv1.weight)[0]
+    g0 = torch.autograd.grad(model(x, "reference").sum(), conv1.weight)[0]
+    torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts, determinism
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout,ndim", [("contig", 4), ("channels_last", 4), ("channels_last", 5),
+                                         ("channels_last", 3), ("slice", 4)])
+def test_layouts_without_copies(layout, ndim):
+    """Contiguous, channels_last (1-3 spatial dims) and batch-sliced inputs reach the kernels as
+    (N, C, S) views of the same memory; the gradient comes back in x's layout."""
+    spatial = {3: (7,), 4: (3, 4), 5: (2, 3, 2)}[ndim]
+    x = make_case(2, 6, 3, spatial, layout=layout, seed=43)["x"]
+    assert gn_function.dense(x) is x
+    v = gn_function.ncs_view(x)
+    assert v.data_ptr() == x.data_ptr() and v.shape == (2, 6, math.prod(spatial))
+    torch.testing.assert_close(v.reshape(x.shape), x, rtol=0, atol=0)
+    odd = x.transpose(-1, -2) if ndim > 3 else x[:, :, ::2]
+    if gn_function.layout_of(odd) is None:  # other strides: one copy
+        assert gn_function.dense(odd) is not odd and gn_function.dense(odd).is_contiguous()
+
+
+def test_deterministic(kernel_backend, split_groups):
+    """Repeated forward, backward and JVP are bitwise equal (fixed reduction orders, no atomics)."""
+    name, device = kernel_backend
+    kw = _to(device, make_case(1, 8, 2, (40, 50), seed=47))
+    outs = []
+    for _ in range(2):
+        leaves = {k: kw[k].clone().requires_grad_() for k in ("x",) + PARAMS}
+        y = _call({**kw, **leaves}, name)
+        grads = torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y))
+        _, jd = torch.func.jvp(lambda a: _call({**kw, "x": a}, name), (kw["x"],), (torch.ones_like(kw["x"]),))
+        outs.append((y.detach(), *grads, jd))
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+@pytest.mark.cpu
+@pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
+@pytest.mark.parametrize("shape", [(2, 8, 2, (16, 16)), (1, 4, 1, (96, 96))])
+def test_cpu_independent_of_thread_count(shape):
+    """The CPU split depends on the shape only: results do not depend on the number of threads."""
+    N, C, G, spatial = shape
+    kw = make_case(N, C, G, spatial, dtype=torch.bfloat16, pdtype=torch.float32, seed=53)
+    before = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, max(2, before)):
+            torch.set_num_threads(n)
+            leaves = {k: kw[k].clone().requires_grad_() for k in ("x",) + PARAMS}
+            y = _call({**kw, **leaves}, "cpu")
+            res.append((y.detach(), *torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y))))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_errors(monkeypatch):
+    """Every bad input raises TypeError/ValueError naming the argument, before any kernel runs."""
+    def kernel_ran(*a):
+        raise AssertionError("a kernel ran before the argument check")
+
+    for name in list(gn_function.LAUNCH):
+        for table in (gn_function.LAUNCH, gn_function.JVP, gn_function.BACKWARD):
+            monkeypatch.setitem(table, name, kernel_ran)
+
+    x = torch.randn(2, 6, 4, 4)
+    ok = dict(num_groups=3)
+
+    def call(x=x, **over):
+        a = {**ok, **over}
+        return group_norm(x, a.pop("num_groups"), **a)
+
+    cases = [
+        (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(x=torch.ones(2, 6, 4, dtype=torch.int64)), TypeError, r"x must have dtype in .*got torch.int64"),
+        (dict(x=torch.randn(2, 6)), ValueError, r"x must have shape \(N, C, \*spatial\) with 1 to 3 spatial dims, "
+                                                r"got shape \(2, 6\)"),
+        (dict(x=torch.randn(1, 2, 2, 2, 2, 2)), ValueError, r"x must have shape .*1 to 3 spatial dims, got shape \(1, 2, 2, 2, 2, 2\)"),
+        (dict(x=torch.randn(2, 6, 0, 4)), ValueError, r"x must not be empty .*got shape \(2, 6, 0, 4\)"),
+        (dict(x=torch.randn(0, 6, 4)), ValueError, r"x must not be empty"),
+        (dict(num_groups=4), ValueError, r"num_groups must divide the channels C = 6, got num_groups = 4"),
+        (dict(num_groups=0), ValueError, r"num_groups must be >= 1, got 0"),
+        (dict(num_groups=2.0), TypeError, r"num_groups must be an int, got float"),
+        (dict(eps=0.0), ValueError, r"eps must be > 0, got 0.0"),
+        (dict(eps="1e-5"), TypeError, r"eps must be a real number, got str"),
+        (dict(activation="gelu"), ValueError, r"activation must be one of \(None, 'silu'\), got 'gelu'"),
+        (dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(6,\), got \(5,\)"),
+        (dict(weight=torch.ones(6, 1)), ValueError, r"weight must have shape \(6,\), got \(6, 1\)"),
+        (dict(weight=torch.ones(6, dtype=torch.float16)), TypeError,
+         r"weight must have x's dtype \(torch.float32\) or torch.float32, got torch.float16"),
+        (dict(weight=torch.ones(6, dtype=torch.int32)), TypeError, r"weight must have dtype in"),
+        (dict(weight=torch.ones(6, device="meta")), ValueError, r"weight is on meta but x is on cpu"),
+        (dict(weight=[1.0] * 6), TypeError, r"weight must be a torch.Tensor, got list"),
+        (dict(bias=torch.ones(7)), ValueError, r"bias must have shape \(6,\), got \(7,\)"),
+        (dict(bias=torch.ones(6, dtype=torch.bfloat16)), TypeError, r"bias must have x's dtype"),
+        (dict(scale=torch.ones(6)), ValueError, r"scale must have shape \(2, 6\) or \(2, 6, 1, ...\), got \(6,\)"),
+        (dict(scale=torch.ones(2, 6, 4, 4)), ValueError, r"scale must have shape \(2, 6\) or .*got \(2, 6, 4, 4\)"),
+        (dict(scale=torch.ones(1, 6)), ValueError, r"scale must have shape \(2, 6\)"),
+        (dict(scale=torch.ones(2, 6, dtype=torch.float64)), TypeError, r"scale must have x's dtype"),
+        (dict(shift=torch.ones(2, 5)), ValueError, r"shift must have shape \(2, 6\)"),
+        (dict(shift=torch.ones(2, 6, device="meta")), ValueError, r"shift is on meta but x is on cpu"),
+        (dict(shift=torch.empty(2, 0)), ValueError, r"shift must not be empty"),
+        (dict(backend="gpu"), ValueError, r"backend: expected one of"),
+        (dict(backend="cuda"), ValueError, r"backend 'cuda' needs CUDA tensors, got tensors on cpu"),
+    ]
+    for over, exc, match in cases:
+        with pytest.raises(exc, match=match if match.startswith("backend:") else "scm_kernels.group_norm: " + match):
+            call(**over)
+    # accepted: (N, C, 1, 1) modulation, float32 parameters with a bf16 x
+    xb = x.bfloat16()
+    out = group_norm(xb, 3, torch.ones(6), None, scale=torch.ones(2, 6, 1, 1), shift=torch.zeros(2, 6, 1, 1),
+                     backend="reference")
+    assert out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator registration, torch.compile, AOT specs
+# ---------------------------------------------------------------------------------------------
+def _schema_args(kw):
+    x3 = gn_function.ncs_view(kw["x"])
+    f32 = {k: kw[k].float() if kw[k] is not None else None for k in PARAMS}
+    return x3, f32
+
+
+@pytest.mark.parametrize("ns", ["scm", "scm_triton"])
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_opcheck(ns, layout):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, dispatch) of the ops."""
+    if ns == "scm" and not (_has_ext and hasattr(torch.ops.scm, "group_norm")):
+        pytest.skip("scm_kernels._C not built")
+    if ns == "scm_triton" and not _interp:
+        pytest.skip("needs the Triton interpreter on CPU tensors")
+    if ns == "scm_triton" and layout == "contig":
+        pytest.skip("the interpreter is slow: one layout for the Triton ops")
+    if ns == "scm_triton":
+        from scm_kernels.group_norm import triton_kernels  # noqa: F401
+    ops = getattr(torch.ops, ns)
+    kw = make_case(2, 6, 3, (3, 4), layout=layout, seed=59)
+    x3, p = _schema_args(kw)
+    y, mean, rstd = ops.group_norm(x3, p["weight"], p["bias"], p["scale"], p["shift"], 3, 1e-5, True)
+    assert y.stride() == gn_function.empty_ncs(x3).stride()
+    dy = torch.randn_like(y)
+    for op, args in [
+        (ops.group_norm.default, (x3, p["weight"], p["bias"], p["scale"], p["shift"], 3, 1e-5, True)),
+        (ops.group_norm.default, (x3, None, None, None, None, 3, 1e-5, False)),
+        (ops.group_norm_jvp.default, (x3, torch.randn_like(y), p["weight"], p["bias"], p["scale"], p["shift"],
+                                      torch.randn(6), None, torch.randn(2, 6), None, mean, rstd, 3, True)),
+        (ops.group_norm_jvp.default, (x3, None, None, None, None, None, None, torch.randn(6), None, None, mean, rstd,
+                                      3, False)),
+        (ops.group_norm_backward.default, (dy, x3, p["weight"], p["bias"], p["scale"], p["shift"], mean, rstd, 3,
+                                           True)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.cpu
+@pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
+def test_compiles():
+    """torch.compile (aot_eager, fullgraph) traces group_norm through its fake kernels: the compiled
+    forward and gradients equal eager exactly."""
+    kw = make_case(2, 8, 4, (3, 5), layout="channels_last", seed=61)
+    leaves = [kw[k].clone().requires_grad_() for k in ("x",) + PARAMS]
+
+    def fn(x, w, b, s, sh):
+        return group_norm(x, 4, w, b, scale=s, shift=sh, activation="silu", backend="cpu")
+
+    torch._dynamo.reset()
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        y = f(*leaves)
+        g = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum(), leaves)
+        outs.append((y.detach(), g))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.static
+def test_aot_specs_cover_launchers():
+    """AOT_SPECS name every argument of its kernel and cover every dtype x layout x tile the
+    launchers can pick, for the three kernels."""
+    if not _backend.triton_available():
+        pytest.skip("needs triton")
+    from scm_kernels.group_norm import triton_kernels as tk
+
+    specs = tk.AOT_SPECS
+    for s in specs:
+        assert list(s.signature) == list(s.fn.arg_names), s.kernel_name
+        assert s.num_warps == tk.NUM_WARPS
+    for kernel, modes in (("_gn_fwd_kernel", (0, 1, 2)), ("_gn_jvp_kernel", (None,)), ("_gn_bwd_kernel", (None,))):
+        for tt in tk._TT.values():
+            for cl in (False, True):
+                for bc, bs in tk.CONFIGS:
+                    for mode in modes:
+                        want = {"CL": cl, "BC": bc, "BS": bs, **({"MODE": mode} if mode is not None else {})}
+                        got = [s for s in specs if s.kernel_name == kernel and s.signature["X"] == tt
+                               and s.constexprs == want]
+                        assert len(got) == 1, (kernel, tt, want)
+    for Cg, S in [(1, 1), (4, 1024), (8, 1024), (32, 16), (16, 4096), (3, 7)]:
+        assert tk.config(Cg, S) in tk.CONFIGS
+
+
+# ---------------------------------------------------------------------------------------------
+# scm_kernels.nn.AdaptiveGroupNorm
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["adagn", "double"])
+def test_adaptive_group_norm(backend, mode):
+    """The module (projection + pixel norm + fused group_norm) on every backend against the same
+    module in float64 on the reference backend: output, gradients of x, emb and every parameter,
+    and torch.func.jvp w.r.t. (x, emb)."""
+    from scm_kernels.nn import AdaptiveGroupNorm
+
+    name, device = backend
+    torch.manual_seed(67)
+    m = AdaptiveGroupNorm(8, 12, num_groups=4, mode=mode, backend=name)
+    with torch.no_grad():  # non-trivial modulation and affine parameters
+        m.proj.weight.normal_(0, 0.3)
+        m.proj.bias.normal_(0, 0.3)
+        m.weight.normal_(1, 0.2)
+        m.bias.normal_(0, 0.2)
+    m64 = AdaptiveGroupNorm(8, 12, num_groups=4, mode=mode, backend="reference").double()
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    m32 = AdaptiveGroupNorm(8, 12, num_groups=4, mode=mode, backend="reference")
+    m32.load_state_dict(m.state_dict())
+    m.to(device)
+    x = torch.randn(3, 8, 4, 5).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(3, 12)
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    xd, ed = torch.randn_like(x), torch.randn_like(emb)
+
+    def run(mod, dtype, dev):
+        xs = x.to(dtype=dtype, device=dev).requires_grad_()
+        es = emb.to(dtype=dtype, device=dev).requires_grad_()
+        y = mod(xs, es)
+        params = list(mod.parameters())
+        grads = torch.autograd.grad(y, [xs, es] + params, dy.to(dtype=y.dtype, device=dev))
+        _, jvp = torch.func.jvp(lambda a, b: mod(a, b), (xs.detach(), es.detach()),
+                                (xd.to(dtype=dtype, device=dev), ed.to(dtype=dtype, device=dev)))
+        return [y.detach().cpu(), *(g.cpu() for g in grads), jvp.cpu()]
+
+    k, r64, r32 = run(m, torch.float32, device), run(m64, torch.float64, "cpu"), run(m32, torch.float32, "cpu")
+    labels = ["y", "dx", "demb"] + [n for n, _ in m.named_parameters()] + ["jvp"]
+    for a, b, c, label in zip(k, r64, r32, labels):
+        assert_rule(a, b, c, torch.float32, what=f"{name} {mode} {label}")
+    assert "mode='" + mode in repr(m)

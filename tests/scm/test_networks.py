@@ -1,0 +1,257 @@
+"""Tests of scm.networks (U-Net, DiT): the JVP with fused ops equals the JVP with reference ops (whole
+model through torch.func.jvp, and the per-layer forward_jvp path), forward_jvp equals torch.func.jvp
+(also with dropout: the same masks), 20 sCT training steps give the same losses with fused and with
+reference ops, the time-embedding hook of the CUDA-graph sampler, autocast, presets' parameter
+counts on the meta device, argument errors.
+
+Parameters are perturbed away from their zero initialisations (adaLN-Zero, zero output convs), which
+would otherwise make most of the network the identity and the comparisons nearly empty."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scm.losses import SCMLoss
+from scm.networks import DiT, PRESET_PARAMS, PRESETS, UNet, count_parameters, create, set_backend
+
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unet(norm_mode="double", dropout=0.0, **kw):
+    cfg = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), head_dim=8,
+               num_groups=4, num_classes=3, norm_mode=norm_mode, dropout=dropout)
+    return UNet(8, 2, **{**cfg, **kw})
+
+
+def _dit(**kw):
+    return DiT(8, 2, **{**dict(patch_size=2, dim=16, depth=2, num_heads=2, num_classes=3, pos_dim=16), **kw})
+
+
+def _perturbed(net, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net.to(dtype)
+
+
+def _inputs(dtype, B=2, C=2, R=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, R, R, generator=g, dtype=torch.float64).to(dtype)
+    t = (0.05 + 1.5 * torch.rand(B, generator=g, dtype=torch.float64)).to(dtype)
+    x_dot = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    t_dot = torch.randn(B, generator=g, dtype=torch.float64).to(dtype)
+    return x, t, x_dot, t_dot, torch.tensor([0, 3])[:B]
+
+
+def _rel(a, b):
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
+
+
+def _both_paths(net, backend, x, t, x_dot, t_dot, y):
+    net.set_backend(backend)
+    F1, J1 = torch.func.jvp(lambda a, b: net(a, b, class_labels=y), (x, t), (x_dot, t_dot))
+    with torch.no_grad():
+        F2, J2 = net.forward_jvp(x, t, x_dot, t_dot, class_labels=y)
+    return F1, J1, F2, J2
+
+
+NETS = [pytest.param(lambda: _unet("double"), id="unet-double"),
+        pytest.param(lambda: _unet("adagn"), id="unet-adagn"),
+        pytest.param(_dit, id="dit")]
+
+
+@pytest.mark.parametrize("make", NETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jvp_fused_equals_reference(make, dtype, kernel_backend):
+    name, device = kernel_backend
+    if device != "cpu":
+        pytest.skip("CPU-tensor test")
+    if name == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes no float64")
+    if name == "triton" and device == "cpu" and getattr(make(), "norm_mode", "double") != "double":
+        # ~100 s per U-Net under the interpreter: the "double" U-Net runs the same kernels and more
+        pytest.skip("interpreter: the adagn U-Net is covered by the double one")
+    net = _perturbed(make(), dtype)
+    args = _inputs(dtype)
+    ref = _both_paths(net, "reference", *args)
+    fused = _both_paths(net, name, *args)
+    # float32: 1e-5 relative. float64: the cpu kernels of group_norm / pixel_norm accumulate their
+    # statistics in float32 (the project's convention), which bounds the U-Net to ~1e-6; the DiT
+    # (attention only) is exact to rounding.
+    tol = 1e-5 if dtype == torch.float32 else (1e-11 if isinstance(net, DiT) else 5e-6)
+    for what, a, b in zip(("F (func)", "J (func)", "F (layer)", "J (layer)"), fused, ref):
+        assert _rel(a, b) <= tol, f"{name} vs reference, {what}: {_rel(a, b):.3e} > {tol:.0e}"
+    assert float(ref[1].abs().max()) > 1.0  # a real tangent, not the identity of a zero-initialised net
+
+
+@pytest.mark.parametrize("make", NETS)
+def test_forward_jvp_equals_func_jvp(make):
+    net = _perturbed(make(), torch.float64)
+    F1, J1, F2, J2 = _both_paths(net, "reference", *_inputs(torch.float64))
+    assert _rel(F2, F1) <= 1e-13 and _rel(J2, J1) <= 1e-12
+    # and the tangent is the derivative: central difference in float64
+    x, t, x_dot, t_dot, y = _inputs(torch.float64)
+    h = 1e-7  # time_scale 1000 makes the time embedding oscillate fast: a small step
+    with torch.no_grad():
+        fd = (net(x + h * x_dot, t + h * t_dot, class_labels=y)
+              - net(x - h * x_dot, t - h * t_dot, class_labels=y)) / (2 * h)
+    assert _rel(J2, fd) <= 1e-5
+
+
+def test_forward_jvp_dropout_masks_match():
+    """In training mode with dropout, forward_jvp draws the masks forward draws (same RNG state)."""
+    net = _perturbed(_unet(dropout=0.3), torch.float64).train()
+    x, t, x_dot, t_dot, y = _inputs(torch.float64)
+    net.set_backend("reference")
+    torch.manual_seed(5)
+    F1, J1 = torch.func.jvp(lambda a, b: net(a, b, class_labels=y), (x, t), (x_dot, t_dot))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        F2, J2 = net.forward_jvp(x, t, x_dot, t_dot, class_labels=y)
+    torch.manual_seed(5)
+    F3 = net(x, t, class_labels=y)
+    torch.manual_seed(6)
+    F4 = net(x, t, class_labels=y)
+    assert _rel(F2, F1) <= 1e-13 and _rel(J2, J1) <= 1e-12 and _rel(F3, F2) <= 1e-13
+    assert _rel(F4, F3) > 1e-3  # dropout is really on
+
+
+def _train(backend, jvp, steps=20):
+    torch.manual_seed(0)
+    net = _unet("double", dropout=0.1).to(torch.float32)
+    loss_fn = SCMLoss(sigma_d=0.5, warmup_steps=10, weighting=False, jvp=jvp)
+    set_backend(net, backend)
+    set_backend(loss_fn, backend)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(16, 2, 8, 8, generator=g) * 0.5
+    y = torch.randint(0, 3, (16,), generator=g)
+    losses = []
+    for step in range(steps):
+        out = loss_fn(net, x0, step=step, model_kwargs={"class_labels": y}, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    return torch.tensor(losses, dtype=torch.float64), params
+
+
+@pytest.mark.cpu
+def test_training_fused_equals_reference():
+    """20 sCT steps (SCMLoss, Adam, dropout) of the tiny U-Net: fused cpu kernels (both JVP paths)
+    and reference ops give the same losses in fp32 within 1e-4 relative."""
+    from scm_kernels import backend as _backend
+
+    if not _backend.extension_available():
+        pytest.skip("scm_kernels._C not built")
+    ref_losses, ref_params = _train("reference", "func")
+    assert not torch.allclose(ref_losses[:5], ref_losses[-5:])  # it trains: the losses move
+    for jvp in ("func", "layer"):
+        losses, params = _train("cpu", jvp)
+        rel = ((losses - ref_losses).abs() / ref_losses.abs()).max().item()
+        assert rel <= 1e-4, f"jvp={jvp}: losses differ by {rel:.2e} relative"
+        assert _rel(params, ref_params) <= 1e-4
+
+
+def test_time_emb_hook_and_guidance():
+    net = _perturbed(_unet(guidance_input=True), torch.float64)
+    x, t, *_ = _inputs(torch.float64)
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        a = net(x, t, class_labels=torch.tensor([1, 2]), guidance=w)
+        b = net(x, t, class_labels=torch.tensor([1, 2]), guidance=w, **net.embed_time(t))
+        c = net(x, t, class_labels=torch.tensor([1, 2]), guidance=w + 1)
+        d = net(x, t, class_labels=None, guidance=w)  # null label
+    assert _rel(b, a) <= 1e-14
+    assert _rel(c, a) > 1e-4 and _rel(d, a) > 1e-4
+    with pytest.raises(ValueError, match="guidance"):
+        net(x, t, class_labels=torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("make", NETS)
+def test_samplers_with_time_hook(make):
+    """The networks run in scm.sampling; the sampler-graph time hook (embed_time) changes nothing."""
+    from scm.sampling import ConsistencySamplerGraph, sample_twostep
+
+    net = _perturbed(make(), torch.float32).eval()
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.5
+    kw = {"class_labels": torch.tensor([0, 1])}
+    plain = ConsistencySamplerGraph(net, noise, times=[1.5, 0.0], model_kwargs=kw, enabled=False)
+    hooked = ConsistencySamplerGraph(net, noise, times=[1.5, 0.0], model_kwargs=kw,
+                                     time_kwargs=net.embed_time, enabled=False)
+    x_plain, x_hooked = plain(noise), hooked(noise)
+    assert torch.isfinite(x_plain).all() and _rel(x_hooked, x_plain) <= 1e-6
+    x2 = sample_twostep(net, noise, seed=0, model_kwargs=kw)
+    assert x2.shape == noise.shape and torch.isfinite(x2).all()
+
+
+@pytest.mark.parametrize("make", NETS)
+def test_autocast_bf16(make):
+    """Under bf16 autocast the forward and the JVP run, are finite and stay close to fp32."""
+    net = _perturbed(make(), torch.float32)
+    x, t, x_dot, t_dot, y = _inputs(torch.float32)
+    F32, J32 = torch.func.jvp(lambda a, b: net(a, b, class_labels=y), (x, t), (x_dot, t_dot))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F16, J16 = torch.func.jvp(lambda a, b: net(a, b, class_labels=y), (x, t), (x_dot, t_dot))
+        with torch.no_grad():
+            F16l, J16l = net.forward_jvp(x, t, x_dot, t_dot, class_labels=y)
+    assert F16.dtype == torch.float32  # returned in the input's dtype
+    for a, b in ((F16, F32), (J16, J32), (F16l, F32), (J16l, J32)):
+        assert torch.isfinite(a).all() and _rel(a, b) < 0.1
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_meta_param_counts(name):
+    net = create(name, device="meta")
+    assert next(net.parameters()).device.type == "meta"
+    assert count_parameters(net) == PRESET_PARAMS[name]
+
+
+def test_demo_preset_runs():
+    net = create("demo-digits8")
+    assert 1e5 < count_parameters(net) < 1e6
+    x, t, *_ = _inputs(torch.float32, B=2, C=1, R=8)
+    assert net(x, t).shape == x.shape
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(norm_mode="layer"), "norm_mode"),
+    (dict(num_groups=3), "num_groups"),
+    (dict(attn_resolutions=(5,)), "attn_resolution"),
+    (dict(channel_mult=()), "channel_mult"),
+    (dict(head_dim=6), "head_dim"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(num_blocks=0), "num_blocks"),
+    (dict(backend="fast"), "backend"),
+])
+def test_unet_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _unet(**kw)
+
+
+def test_bad_inputs_and_dit_config():
+    with pytest.raises(ValueError, match="img_resolution"):
+        UNet(12, 1, channel_mult=(1, 2, 2, 2), model_channels=8, num_groups=4, head_dim=8,
+             attn_resolutions=())
+    with pytest.raises(ValueError, match="patch_size"):
+        _dit(patch_size=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        _dit(num_heads=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        create("cifar11")
+    net = _unet()
+    with pytest.raises(ValueError, match="x must be"):
+        net(torch.zeros(2, 2, 16, 16), torch.zeros(2))
+    with pytest.raises(ValueError, match="class_labels"):
+        net(torch.zeros(2, 2, 8, 8), torch.zeros(2), class_labels=torch.zeros(2))
