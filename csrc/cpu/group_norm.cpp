@@ -14,7 +14,8 @@
 //                  y_dot = SiLU'(a) a_dot
 //   backward (A30) da = dy SiLU'(a); P1_{n,c} = sum_sp da x^, P2_{n,c} = sum_sp da (returned: the
 //                  caller forms dgamma, dbeta, dscale, dshift from them); m1 = sum_c A P2 / M,
-//                  m2 = sum_c A P1 / M; dx = r (da A - m1 - x^ m2)
+//                  m2 = sum_c A P1 / M; dx = r (da A - m1 - x^ m2), with da of the first pass kept
+//                  for groups of <= kDaCache elements (one sigmoid per element instead of two)
 // Absent weight/bias/scale/shift (and tangents) are 1/0/1/0 (and 0).
 //
 // Parallelism: at::parallel_for over the tasks (n, g, k), where k splits the group's positions into
@@ -23,8 +24,8 @@
 // blocks in order, splits in order): results are bitwise reproducible for any number of threads.
 // With nsplit == 1 a task reads its group, then re-reads it from cache for the output pass.
 // Inner loops run on fp32 blocks (fp32 operands in place, others converted by common.h), have no
-// calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 and
-// AVX2 clones (no FMA contraction: the clones give bitwise equal results).
+// calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 (with
+// FMA) and AVX2 clones.
 //
 // Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
 // of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
@@ -47,17 +48,18 @@ namespace scm::cpu {
 namespace {
 
 constexpr int64_t kBlock = 1024;  // elements per block (fits L1 with a few operands)
-constexpr int kLanes = 16;        // independent accumulators of a reduction (vector lanes)
+constexpr int kLanes = 64;        // independent accumulators of a reduction (4 AVX-512 vectors: no add-latency chain)
 constexpr int64_t kMinTasks = 64;          // split groups when N * G is smaller than this
 constexpr int64_t kMinSplitElems = 16384;  // ... but keep at least this many elements per task
+constexpr int64_t kDaCache = 1 << 16;      // backward: keep da of groups up to this size (256 KiB)
 
 // Function multi-versioning: AVX-512 (16 lanes) and AVX2 (8 lanes) clones, chosen at load time,
-// next to the baseline SSE2 version (the build has no -march). The sigmoid's polynomial is compute
-// bound: the AVX-512 clone runs it 1.4x faster than AVX2 on this machine. Contraction of a * b + c
-// into FMA (which the AVX-512 clone could use) is switched off for this file, so that every clone
-// rounds every product and sum alike and gives bitwise the same results.
+// next to the baseline SSE2 version (the build has no -march). The sigmoid's polynomial makes the
+// SiLU paths compute bound; the AVX-512 clone, which also contracts a * b + c into FMA, runs them
+// 1.3x-2x faster than AVX2 here (fwd 1.2 vs 1.6 ms for 8x256x32x32 on one thread). Consequence:
+// results are bitwise reproducible on one machine (any thread count), but a machine without
+// AVX-512 (no FMA in the AVX2 and SSE2 clones) rounds differently in the last bits.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#pragma GCC optimize("fp-contract=off")
 #define SCM_GN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SCM_GN_CLONES
@@ -182,21 +184,25 @@ SCM_GN_CLONES void jvp_block(const float* __restrict x, const float* __restrict 
     da *= silu_grad_from_sig(a, sigmoid(a));       \
   }
 
-// (A30) channels-first block of one channel: P1 += sum da x^, P2 += sum da.
+// (A30) channels-first block of one channel: P1 += sum da x^, P2 += sum da; da is also written to
+// da_out (the dx pass reuses it instead of evaluating the sigmoid again).
 SCM_GN_CLONES void bwd_sums_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu,
-                                  float r, float A0, float B0, bool silu, float& p1, float& p2) {
+                                  float r, float A0, float B0, bool silu, float& p1, float& p2,
+                                  float* __restrict da_out) {
   float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
   int64_t i = 0;
 #define SCM_GN_SUMS(SILU)                                 \
   for (; i + kLanes <= n; i += kLanes) {                  \
     for (int l = 0; l < kLanes; ++l) {                    \
       SCM_GN_DA(SILU, i + l, A0, B0)                      \
+      da_out[i + l] = da;                                 \
       a1[l] += da * xh;                                   \
       a2[l] += da;                                        \
     }                                                     \
   }                                                       \
   for (int l = 0; i < n; ++i, ++l) {                      \
     SCM_GN_DA(SILU, i, A0, B0)                            \
+    da_out[i] = da;                                       \
     a1[l] += da * xh;                                     \
     a2[l] += da;                                          \
   }
@@ -214,10 +220,11 @@ SCM_GN_CLONES void bwd_sums_block(const float* __restrict x, const float* __rest
 // folds them per channel, element i of a block is channel i % Cg).
 SCM_GN_CLONES void bwd_acc_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu,
                                  float r, const float* __restrict Av, const float* __restrict Bv, bool silu,
-                                 float* __restrict acc1, float* __restrict acc2) {
+                                 float* __restrict acc1, float* __restrict acc2, float* __restrict da_out) {
 #define SCM_GN_ACC(SILU)                          \
   for (int64_t i = 0; i < n; ++i) {               \
     SCM_GN_DA(SILU, i, Av[i], Bv[i])              \
+    da_out[i] = da;                               \
     acc1[i] += da * xh;                           \
     acc2[i] += da;                                \
   }
@@ -247,6 +254,14 @@ SCM_GN_CLONES void dx_block(const float* __restrict x, const float* __restrict d
 #undef SCM_GN_DX
 }
 #undef SCM_GN_DA
+
+// (A30) dx = r (da A - m1 - x^ m2) with da from the sums pass.
+template <bool kVec>
+SCM_GN_CLONES void dx_cached_block(const float* __restrict x, const float* __restrict da, int64_t n, float mu,
+                                   float r, float m1, float m2, const float* __restrict Av, float A0,
+                                   float* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = r * (da[i] * SCM_COEF(Av, A0) - m1 - (x[i] - mu) * r * m2);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Geometry, operands, blocks
@@ -673,11 +688,14 @@ at::Tensor group_norm_jvp_cpu(const at::Tensor& x, const std::optional<at::Tenso
 // ---------------------------------------------------------------------------------------------
 // Per-channel sums P1 = sum da x^, P2 = sum da over a task's positions, written to p1[c * pstride],
 // p2[c * pstride] for the group's channels c = 0 .. Cg-1.
+// da of every element goes to cache (in block order) when given, else to a scratch block.
 void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const Task& t, float mu, float r,
-              bool silu, float* p1, float* p2, int64_t pstride, Scratch& sc) {
+              bool silu, float* p1, float* p2, int64_t pstride, Scratch& sc, float* cache) {
   float* xb = sc.at(0, g.cap);
   float* db = sc.at(1, g.cap);
+  float* dab = sc.at(6, g.cap);
   const int64_t c0 = t.grp * g.Cg, n = t.n;
+  int64_t pos = 0;  // offset of the block in the cache
   if (!g.cl) {
     for (int64_t c = 0; c < g.Cg; ++c) {
       p1[c * pstride] = 0.f;
@@ -686,7 +704,8 @@ void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const
     for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
       const int64_t cl = b.c - c0;
       bwd_sums_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, af.A(n, b.c), af.B(n, b.c), silu,
-                     p1[cl * pstride], p2[cl * pstride]);
+                     p1[cl * pstride], p2[cl * pstride], cache != nullptr ? cache + pos : dab);
+      pos += b.len;
     });
     return;
   }
@@ -699,7 +718,9 @@ void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const
   std::fill(acc1, acc1 + g.cap, 0.f);
   std::fill(acc2, acc2 + g.cap, 0.f);
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
-    bwd_acc_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, Av, Bv, silu, acc1, acc2);
+    bwd_acc_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, Av, Bv, silu, acc1, acc2,
+                  cache != nullptr ? cache + pos : dab);
+    pos += b.len;
   });
   for (int64_t c = 0; c < g.Cg; ++c) {
     float s1 = 0.f, s2 = 0.f;
@@ -712,8 +733,9 @@ void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const
   }
 }
 
+// dx of a task's positions; da from cache (filled by bwd_sums) when given, else recomputed from dy.
 void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Affine& af, const Task& t, float mu,
-              float r, float m1, float m2, bool silu, Scratch& sc) {
+              float r, float m1, float m2, bool silu, Scratch& sc, const float* cache) {
   float* xb = sc.at(0, g.cap);
   float* db = sc.at(1, g.cap);
   float* ob = sc.at(2, g.cap);
@@ -724,16 +746,26 @@ void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Af
     expand(g, Av, [&](int64_t c) { return af.A(n, c0 + c); });
     expand(g, Bv, [&](int64_t c) { return af.B(n, c0 + c); });
   }
+  int64_t pos = 0;
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
     const float* xv = load(g, x, n, b, xb);
-    const float* dv = load(g, dy, n, b, db);
     float* out = out_ptr(g, dx, n, b, ob);
-    if (g.cl) {
-      dx_block<true>(xv, dv, b.len, mu, r, m1, m2, Av, Bv, 0.f, 0.f, silu, out);
+    if (cache != nullptr) {
+      if (g.cl) {
+        dx_cached_block<true>(xv, cache + pos, b.len, mu, r, m1, m2, Av, 0.f, out);
+      } else {
+        dx_cached_block<false>(xv, cache + pos, b.len, mu, r, m1, m2, nullptr, af.A(n, b.c), out);
+      }
     } else {
-      dx_block<false>(xv, dv, b.len, mu, r, m1, m2, nullptr, nullptr, af.A(n, b.c), af.B(n, b.c), silu, out);
+      const float* dv = load(g, dy, n, b, db);
+      if (g.cl) {
+        dx_block<true>(xv, dv, b.len, mu, r, m1, m2, Av, Bv, 0.f, 0.f, silu, out);
+      } else {
+        dx_block<false>(xv, dv, b.len, mu, r, m1, m2, nullptr, nullptr, af.A(n, b.c), af.B(n, b.c), silu, out);
+      }
     }
     store(g, dx, n, b, out);
+    pos += b.len;
   });
 }
 
@@ -772,14 +804,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
     return std::make_pair(s1 / M, s2 / M);
   };
   if (g.nsplit == 1) {
+    // da of a whole group is kept (<= kDaCache elements) for the dx pass
+    const int64_t M_el = g.Cg * g.S;
+    const bool cache = M_el <= kDaCache;
     at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
-      Scratch sc(6 * g.cap);
+      Scratch sc(7 * g.cap);
+      std::vector<float> da(cache ? M_el : 0);
       for (int64_t i = begin; i < end; ++i) {
         const Task t = task_of(g, i);
         const int64_t off = t.n * g.C + t.grp * g.Cg;
-        bwd_sums(g, xo, dyo, af, t, mp[i], rp[i], silu, p1p + off, p2p + off, 1, sc);
+        bwd_sums(g, xo, dyo, af, t, mp[i], rp[i], silu, p1p + off, p2p + off, 1, sc, cache ? da.data() : nullptr);
         const auto [m1, m2] = group_means(t.n, t.grp);
-        dx_apply(g, xo, dyo, dxo, af, t, mp[i], rp[i], m1, m2, silu, sc);
+        dx_apply(g, xo, dyo, dxo, af, t, mp[i], rp[i], m1, m2, silu, sc, cache ? da.data() : nullptr);
       }
     });
     return {dx, p1, p2};
@@ -787,12 +823,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
   // Split groups: per-split channel sums (N, C, nsplit), added in split order.
   std::vector<float> q1(g.N * g.C * g.nsplit), q2(g.N * g.C * g.nsplit);
   at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(6 * g.cap);
+    Scratch sc(7 * g.cap);
     for (int64_t i = begin; i < end; ++i) {
       const Task t = task_of(g, i);
       const int64_t off = (t.n * g.C + t.grp * g.Cg) * g.nsplit + t.k;
       const int64_t ng = i / g.nsplit;
-      bwd_sums(g, xo, dyo, af, t, mp[ng], rp[ng], silu, q1.data() + off, q2.data() + off, g.nsplit, sc);
+      bwd_sums(g, xo, dyo, af, t, mp[ng], rp[ng], silu, q1.data() + off, q2.data() + off, g.nsplit, sc, nullptr);
     }
   });
   for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
@@ -810,7 +846,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
     Scratch sc(5 * g.cap);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ng = i / g.nsplit;
-      dx_apply(g, xo, dyo, dxo, af, task_of(g, i), mp[ng], rp[ng], gm[ng].first, gm[ng].second, silu, sc);
+      dx_apply(g, xo, dyo, dxo, af, task_of(g, i), mp[ng], rp[ng], gm[ng].first, gm[ng].second, silu, sc, nullptr);
     }
   });
   return {dx, p1, p2};
