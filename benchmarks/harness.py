@@ -150,6 +150,9 @@ class Case:
     copy_like: str | Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     baselines: dict[str, Baseline] = dataclasses.field(default_factory=dict)
     max_repeats: int | None = None  # CPU: cap on the timed repeats (cases whose baselines take seconds)
+    # providers that cannot be measured for this case -> why (its row says n/a and the reason), e.g.
+    # torch.compile of a whole training step (bench_train_step.py)
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def copy_source(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tensor whose copy is the bandwidth baseline (an input, or one the size of the output)."""
@@ -494,6 +497,8 @@ def make_callable(
     what each mode times), and the backend name. Raises Unavailable when it cannot run."""
     if mode not in case.modes:
         raise Unavailable(f"mode {mode} not declared for this case")
+    if provider in case.unavailable:
+        raise Unavailable(case.unavailable[provider])
     base = case.baselines.get(provider)
     if base is not None and mode not in base.modes:
         raise Unavailable(f"{provider} is measured in modes {', '.join(base.modes)} only")
@@ -919,3 +924,12 @@ def read_csv(path: str | Path) -> list[dict]:
 
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def env_batch(device: torch.device, quick: bool, *, cpu: tuple[int, int], cuda: tuple[int, int]) -> int:
+    """Batch size of the whole-network benches: $SCM_BENCH_BATCH if set, else (full, quick) per device."""
+    env = os.environ.get("SCM_BENCH_BATCH")
+    if env:
+        return int(env)
+    full, q = cuda if device.type == "cuda" else cpu
+    return q if quick else full

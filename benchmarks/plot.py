@@ -4,7 +4,7 @@
 One PNG per op and device, `<results>/<op>_<device>.png`, from that op's latest run in
 `<results>/<op>.csv`: one panel per mode, one group of bars per case (variant, shape, dtype), one
 bar per provider showing the median time with its p20-p80 range, and the speed-up over eager
-written above each scm bar. matplotlib is optional (`pip install matplotlib`, or `.[bench]`).
+written above each scm bar. matplotlib is a dependency of scm (installed by scripts/setup.sh).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def _matplotlib():
         import matplotlib
     except ImportError as e:
         raise PlotError(
-            "charts need matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install -e '.[bench]')"
+            "charts need matplotlib, which is not installed: pip install matplotlib"
         ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

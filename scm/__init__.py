@@ -6,7 +6,11 @@ scm_kernels. Formulas are labelled as in shared/docs/algorithm.md (A1...A30).
 - scm.sampling: consistency samplers (A20-A23) and teacher ODE samplers (DDIM A7, DPM-Solver-2, Heun).
 - scm.networks: an EDM/ADM-style U-Net and a DiT on the fused ops (forward-mode JVP through every layer,
   per-layer forward_jvp), with presets from CPU demos to the paper's sizes.
-The training loop comes in a later stage (see the project's issues).
+- scm.config / scm.training: run configurations with presets, and the training loop (teacher, sCT, sCD;
+  mixed precision, EMA and EDM2 power EMA, atomic checkpoints with exact resume, DDP via torchrun).
+- scm.data / scm.metrics: datasets (embedded digits, image folders, .npz), FID with pluggable features.
+- scm.checkpoint / scm.ema, and the `scm` command line (scm.cli) with `scm demo` (scm.demo).
+Submodules that pull in optional work (training, data, metrics, cli, demo) are imported on use.
 """
 
 from scm import losses, networks, sampling, trigflow

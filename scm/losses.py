@@ -279,9 +279,11 @@ class SCMLoss(nn.Module):
             gradients by masking (0 * inf in the model's backward); it is reported, and the training
             loop should skip a step whose gradients are not finite.
         backend: scm_kernels backend of the fused ops (None: automatic).
-    Call: ``loss_fn(model, x0, step=..., model_kwargs=..., t=None, z=None, generator=None)``; t (B,) and z
-    (noise of std sigma_d, x0's shape) override the random draws. ``step`` is required when warmup
-    is on.
+    Call: ``loss_fn(model, x0, step=..., model_kwargs=..., t=None, z=None, generator=None, jvp_model=None)``;
+    t (B,) and z (noise of std sigma_d, x0's shape) override the random draws. ``step`` is required when
+    warmup is on. ``jvp_model``: the module for the no-grad passes (JVP, and A18's extra forwards) when
+    `model` is a wrapper that cannot be JVP'ed, e.g. DistributedDataParallel (pass ddp.module); the
+    gradient pass uses `model`.
     """
 
     def __init__(self, *, sigma_d: float = 0.5, proposal="cifar10", teacher=None, guidance=None,
@@ -356,8 +358,9 @@ class SCMLoss(nn.Module):
 
     def forward(self, model, x0: torch.Tensor, *, step: int | None = None, model_kwargs: dict | None = None,
                 t: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> SCMLossOutput:
+                generator: torch.Generator | None = None, jvp_model=None) -> SCMLossOutput:
         sd, B, dev = self.sigma_d, x0.shape[0], x0.device
+        jm = model if jvp_model is None else jvp_model
         tdt = _time_dtype(x0)
         r = self.warmup(step)
         kw = dict(model_kwargs or {})
@@ -383,17 +386,17 @@ class SCMLoss(nn.Module):
         rng = fork_rng_state(dev)
         with torch.no_grad():
             if self.semi_continuous:  # (A18): exact in x, finite difference in t
-                F_minus, J = model_jvp(model, x_in, t, x_dot, None, student_kw, self.jvp)
+                F_minus, J = model_jvp(jm, x_in, t, x_dot, None, student_kw, self.jvp)
                 h = self.fd_step
                 t_hi = (t + h).clamp(max=math.pi / 2)
                 t_lo = (t - h).clamp(min=0.0)
                 rng.restore()
-                F_hi = model(x_in, t_hi, **student_kw)
+                F_hi = jm(x_in, t_hi, **student_kw)
                 rng.restore()
-                F_lo = model(x_in, t_lo, **student_kw)
+                F_lo = jm(x_in, t_lo, **student_kw)
                 J = J + per_sample(cs / (t_hi - t_lo), J).to(J.dtype) * (F_hi - F_lo)
             else:
-                F_minus, J = model_jvp(model, x_in, t, x_dot, cs, student_kw, self.jvp)
+                F_minus, J = model_jvp(jm, x_in, t, x_dot, cs, student_kw, self.jvp)
         rng.restore()
         F = model(x_in, t, **student_kw)  # the gradient pass: same dropout masks as the JVP pass
 

@@ -38,6 +38,11 @@ fi
   echo "[setup] installing numpy, ninja, build and test tools"
   pipq numpy ninja setuptools wheel pytest hypothesis expecttest
 }
+# scm's runtime dependencies (pyproject's `dependencies`; the editable install below uses --no-deps).
+"$PY" -c "import safetensors, sklearn, PIL, tqdm, matplotlib" 2>/dev/null || {
+  echo "[setup] installing safetensors, scikit-learn, Pillow, tqdm, matplotlib"
+  pipq safetensors scikit-learn Pillow tqdm matplotlib
+}
 # diffusers: only the tests of scm_kernels.nn.AttentionProcessor use it (optional for users).
 "$PY" -c "import diffusers" 2>/dev/null || { echo "[setup] installing diffusers (for the tests)"; pipq diffusers; }
 "$PY" -c "import torch, triton" || { echo "[setup] torch/triton failed to install" >&2; exit 1; }
