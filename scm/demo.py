@@ -46,7 +46,7 @@ class Budget:
 
 BUDGETS = {
     "default": Budget(teacher_steps=1800, scd_steps=700, sct_steps=600, samples=2000, ode_steps=16),
-    "quick": Budget(teacher_steps=400, scd_steps=150, sct_steps=120, samples=500, ode_steps=16),
+    "quick": Budget(teacher_steps=340, scd_steps=140, sct_steps=110, samples=500, ode_steps=16),
 }
 
 
