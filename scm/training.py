@@ -159,21 +159,8 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _resolve_ckpt(path) -> Path:
-    """A checkpoint file, or the newest loadable one of a run directory (DIR/ckpt/*.pt or DIR/*.pt)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for d in (p / "ckpt", p):
-            found = CheckpointManager(d).paths()
-            if found:
-                return found[-1]
-        raise CheckpointError(f"no checkpoint (ckpt-*.pt) in {p} or {p / 'ckpt'}")
-    raise CheckpointError(f"checkpoint {p} does not exist")
-
-
 def _load_state(path) -> tuple[dict, Path]:
+    """A checkpoint file, or the newest loadable one of a run directory (DIR/ckpt/*.pt or DIR/*.pt)."""
     p = Path(path)
     if p.is_dir():
         d = p / "ckpt" if (p / "ckpt").is_dir() else p

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from scm import training
-from scm.checkpoint import load_checkpoint
 from scm.config import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +29,7 @@ def _cfg(preset: str, steps: int, *extra: str):
 
 
 def _params(path) -> dict:
-    return load_checkpoint(training._resolve_ckpt(path))["model"]
+    return training._load_state(path)[0]["model"]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,8 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, teacher_run, kind):
     second = training.train(_cfg(preset, 5, *extra), tmp_path / "split", resume=True, progress=False)
     assert first.step == 2 and second.step == 5
     assert first.losses + second.losses == full.losses  # exact float equality
-    a = load_checkpoint(training._resolve_ckpt(tmp_path / "full"))
-    b = load_checkpoint(training._resolve_ckpt(tmp_path / "split"))
+    a = training._load_state(tmp_path / "full")[0]
+    b = training._load_state(tmp_path / "split")[0]
     _assert_same_state(a["model"], b["model"])
     _assert_same_state(training.load_model(tmp_path / "full")[0].state_dict(),
                        training.load_model(tmp_path / "split")[0].state_dict())  # the EMA
@@ -103,7 +102,7 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "build_network", poisoned)
     res = training.train(_cfg("digits-teacher", 3), tmp_path, progress=False)
     assert res.skipped == 1 and res.nimg == 2 * 16
-    state = load_checkpoint(training._resolve_ckpt(tmp_path))
+    state = training._load_state(tmp_path)[0]
     assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[2].split(",")[5] == "1"  # the skipped column of step 2
@@ -165,9 +164,9 @@ def test_ddp_two_gloo_ranks_equal_one_rank(tmp_path, teacher_run, kind, parallel
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     one = training.train(_cfg(f"digits-{kind}", steps, *extra[len(TINY):]), tmp_path / "one", progress=False)
-    two_state = load_checkpoint(training._resolve_ckpt(tmp_path / "two"))
+    two_state = training._load_state(tmp_path / "two")[0]
     assert two_state["world_size"] == 2 and two_state["step"] == steps
-    one_state = load_checkpoint(training._resolve_ckpt(tmp_path / "one"))
+    one_state = training._load_state(tmp_path / "one")[0]
     # Same global batch, same t and z: equal up to the order of the gradient sums (fp32 rounding).
     for k, v in one_state["model"].items():
         torch.testing.assert_close(two_state["model"][k], v, rtol=2e-4, atol=2e-6, msg=k)
@@ -192,7 +191,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr[-3000:]
     assert "stopped by signal" in stdout
-    state = load_checkpoint(training._resolve_ckpt(out))
+    state = training._load_state(out)[0]
     assert 2 <= state["step"] < 100000
     m, cfg = training.load_model(out)
     assert json.loads((out / "config.json").read_text())["name"] == cfg.name
@@ -205,5 +204,5 @@ def test_mixed_precision_runs(tmp_path, teacher_run, precision):
         extra = [f"run.precision={precision}"] + ([] if kind == "teacher" else [f"loss.teacher={teacher_run}"])
         res = training.train(_cfg(f"digits-{kind}", 2, *extra), tmp_path / kind, progress=False)
         assert all(torch.isfinite(torch.tensor(res.losses))), res.losses
-        state = load_checkpoint(training._resolve_ckpt(tmp_path / kind))
+        state = training._load_state(tmp_path / kind)[0]
         assert (state["scaler"] is not None) == (precision == "fp16")
