@@ -27,8 +27,11 @@ mask is False or causality hides the key; P = softmax(s); out = P v.
     "ieee" when torch.get_float32_matmul_precision() is "highest" (PyTorch's default), else "tf32".
     The CPU kernels are always fp32 (fp64 for fp64 inputs).
 
-Forward-mode AD: under torch.func.jvp / forward_ad the forward kernel returns the primal and the
-fused JVP kernel then computes the tangent (A25); `attention_jvp` does both in the one fused pass.
+Forward-mode AD: under torch.func.jvp / forward_ad, `attention` sees the tangents of q, k, v (the
+innermost dual level) and runs the fused kernel (A25) once for the primal and the tangent, as
+`attention_jvp` does; both stay differentiable by backward (A27). The autograd Function's own jvp
+rule (forward kernel, then the tangent from the saved out and lse) remains for the cases that reach
+it (tangents of an outer level under nested transforms).
 torch.compile: a model calling `attention` compiles (forward and backward, fullgraph). A JVP of a
 compiled function is refused with a clear error (dynamo drops custom JVP rules, pytorch issue
 192985, which would give wrong tangents silently).
@@ -39,6 +42,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from scm_kernels import _autograd, _checks, backend as _backend
 from scm_kernels.attention import reference
@@ -186,9 +190,34 @@ def attention(
     if c.name == "reference":
         return reference.attention(c.q, c.k, c.v, c.mask, c.is_causal, c.scale, c.gqa)
     q, k, v, mask = _kernel_args(c)
+    dual = _fused_jvp(q, k, v, mask, c)
+    if dual is not None:
+        return dual
     out, _ = _autograd.apply(AttentionFunction, _AttentionTraceable, q, k, v, mask, c.is_causal, c.scale, c.name,
                              c.precision)
     return out
+
+
+def _fused_jvp(q, k, v, mask, c: _Call) -> torch.Tensor | None:
+    """Forward-mode AD in one pass: when q, k or v carries a tangent of the innermost forward-AD level
+    (torch.func.jvp, forward_ad.dual_level), the fused kernel (A25) computes the primal and the
+    tangent together and the output is their dual tensor; None when there is no tangent.
+
+    Without this, the autograd Function would run its forward kernel and then, in its jvp rule, a
+    second kernel for the tangent (7 block products instead of 6 at no_grad, 8 with grad enabled,
+    where the tangent must be differentiable and the fused kernel recomputes the primal). Reverse
+    mode still works through both: the primal and the tangent come from AttentionJvpFunction, whose
+    backward is (A27)."""
+    if fwAD._current_level < 0 or torch.compiler.is_compiling():
+        return None
+    parts = [fwAD.unpack_dual(x) for x in (q, k, v)]
+    if all(p.tangent is None for p in parts):
+        return None
+    pq, pk, pv = (p.primal for p in parts)
+    tq, tk, tv = (inner(p.tangent) if p.tangent is not None else None for p in parts)
+    out, out_tangent, _, _ = _autograd.apply(AttentionJvpFunction, _AttentionJvpTraceable, pq, pk, pv, tq, tk, tv,
+                                             mask, c.is_causal, c.scale, c.name, c.precision)
+    return fwAD.make_dual(out, out_tangent)
 
 
 def attention_jvp(

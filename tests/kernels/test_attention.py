@@ -479,6 +479,32 @@ def test_loss_on_jvp_tangent_differentiates(backend):
                 torch.float32, "d loss(tangent) / dW")
 
 
+@pytest.mark.cpu
+@pytest.mark.skipif(not _backend.extension_available(), reason="scm_kernels._C not built")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("how", ["func", "forward_ad"])
+def test_jvp_of_attention_is_one_fused_pass(grad, how):
+    """torch.func.jvp / forward_ad over `attention` run the fused primal+tangent kernel once (A25),
+    not the forward kernel followed by a tangent kernel, with or without grad enabled; the tangent is
+    the explicit attention_jvp's, bit for bit."""
+    xs, kw, ts = make_case(B=1, Hq=2, Nq=40, Nk=33, D=16, seed=21)
+    xs, ts = [x.float() for x in xs], [t.float() for t in ts]
+    f = lambda q, k, v: scm_kernels.attention(q, k, v, **kw, backend="cpu")  # noqa: E731
+    with torch.set_grad_enabled(grad), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        if how == "func":
+            o, t = torch.func.jvp(f, tuple(xs), tuple(ts))
+        else:
+            import torch.autograd.forward_ad as fwAD
+            with fwAD.dual_level():
+                y = f(*(fwAD.make_dual(x, d) for x, d in zip(xs, ts)))
+                o, t = fwAD.unpack_dual(y)
+    calls = [e.name for e in prof.events() if e.name.startswith("scm::attention")]
+    assert calls.count("scm::attention_jvp") == 1, calls
+    assert "scm::attention_fwd" not in calls and "scm::attention_jvp_tangent" not in calls, calls
+    o2, t2 = scm_kernels.attention_jvp(*xs, *ts, **kw, backend="cpu")
+    assert torch.equal(o, o2) and torch.equal(t, t2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
