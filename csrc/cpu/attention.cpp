@@ -50,6 +50,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
+
 // Fortran BLAS of the BLAS torch is linked with (MKL in the official wheels exports these). Weak, so
 // that a torch without them still loads: the kernels then fall back to torch's addmm.
 extern "C" {
@@ -158,10 +160,8 @@ SCM_ATTN_INLINE float exp_k(float x) {
 SCM_ATTN_INLINE double exp_k(double x) { return std::exp(x); }
 
 template <class T>
-SCM_ATTN_INLINE T fold_sum(const T* acc) {
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+SCM_ATTN_INLINE T fold_sum(T* acc) {
+  return fold_pairwise<kLanes>(acc);
 }
 
 // max_j s_j (-inf when every entry is -inf).
@@ -173,9 +173,9 @@ SCM_ATTN_CLONES T row_max(const T* __restrict s, i64 n) {
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) acc[l] = s[j + l] > acc[l] ? s[j + l] : acc[l];
   for (int l = 0; j < n; ++j, ++l) acc[l] = s[j] > acc[l] ? s[j] : acc[l];
-  T m = acc[0];
-  for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
-  return m;
+  for (int w = kLanes / 2; w >= 1; w /= 2)  // pairwise, like fold_sum: log2(kLanes) dependent steps
+    for (int l = 0; l < w; ++l) acc[l] = acc[l + w] > acc[l] ? acc[l + w] : acc[l];
+  return acc[0];
 }
 
 // sum_j x_j.

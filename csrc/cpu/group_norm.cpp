@@ -65,11 +65,7 @@ constexpr int64_t kDaCache = 1 << 16;      // backward: keep da of groups up to 
 #define SCM_GN_CLONES
 #endif
 
-inline float fold(const float* acc) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
+inline __attribute__((always_inline)) float fold(float* acc) { return fold_pairwise<kLanes>(acc); }
 
 
 
