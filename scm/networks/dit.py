@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scm.losses import block_jvp
-from scm.networks.layers import (ConditionEmbedding, attention_tokens_jvp, check_backend, set_backend,
-                                 sincos_2d)
+from scm.networks.layers import (ConditionEmbedding, Conv2d, Linear, attention_tokens_jvp, check_backend,
+                                 set_backend, sincos_2d)
 from scm_kernels.nn import Attention
 
 __all__ = ["DiT", "DiTBlock"]
@@ -40,8 +40,8 @@ class DiTBlock(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm, backend=backend)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada = nn.Linear(dim, 6 * dim)
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
+        self.ada = Linear(dim, 6 * dim)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
@@ -111,12 +111,12 @@ class DiT(nn.Module):
         self.grid = img_resolution // patch_size
         self.embed = ConditionEmbedding(dim, pos_dim=pos_dim, num_classes=num_classes,
                                         guidance_input=guidance_input, time_scale=time_scale, backend=backend)
-        self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.patch = Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(dim, self.grid, self.grid), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(dim, num_heads, mlp_ratio, qk_norm, backend)
                                      for _ in range(depth)])
-        self.final_ada = nn.Linear(dim, 2 * dim)
-        self.final = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.final_ada = Linear(dim, 2 * dim)
+        self.final = Linear(dim, patch_size * patch_size * out_channels)
         for lin in (self.final_ada, self.final):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)

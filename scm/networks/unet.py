@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from scm.losses import block_jvp
-from scm.networks.layers import (AttentionBlock, ConditionEmbedding, GroupNormAct, ResBlock, check_backend,
-                                 set_backend)
+from scm.networks.layers import (AttentionBlock, ConditionEmbedding, Conv2d, GroupNormAct, ResBlock,
+                                 check_backend, set_backend)
 
 __all__ = ["UNet"]
 
@@ -130,7 +130,7 @@ class UNet(nn.Module):
         attn_kw = dict(num_groups=num_groups, num_heads=num_heads, head_dim=head_dim, skip_scale=skip_scale,
                        backend=backend)
 
-        self.in_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.in_conv = Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
         self._down_keep: list[bool] = []  # whether the output after down[i] is a skip connection
         skips, ch = [model_channels], model_channels
@@ -162,7 +162,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(ResBlock(ch, ch, emb_dim, resample="up", **common))
         self.out_norm = GroupNormAct(ch, num_groups, "silu", backend=backend)
-        self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.out_conv = Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 

@@ -255,3 +255,64 @@ def test_bad_inputs_and_dit_config():
         net(torch.zeros(2, 2, 16, 16), torch.zeros(2))
     with pytest.raises(ValueError, match="class_labels"):
         net(torch.zeros(2, 2, 8, 8), torch.zeros(2), class_labels=torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear / Conv2d with the input-only forward-mode rule, nearest upsampling
+# ---------------------------------------------------------------------------------------------
+def _layer_pair(kind):
+    """(ours, torch's) with the same float64 parameters, and an input."""
+    from scm.networks.layers import Conv2d, Linear
+    torch.manual_seed(0)
+    if kind == "linear":
+        ours, ref, x = Linear(6, 5), torch.nn.Linear(6, 5), torch.randn(3, 4, 6)
+    else:
+        ours, ref = Conv2d(4, 5, 3, padding=1, stride=2), torch.nn.Conv2d(4, 5, 3, padding=1, stride=2)
+        x = torch.randn(2, 4, 7, 9)
+    ours, ref, x = ours.double(), ref.double(), x.double()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_layer_input_jvp_matches_torch_and_skips_weight_tangent(kind):
+    ours, ref, x = _layer_pair(kind)
+    xd = torch.randn_like(x)
+    with torch.profiler.profile() as prof:
+        y, yd = torch.func.jvp(ours, (x,), (xd,))
+    y2, yd2 = torch.func.jvp(ref, (x,), (xd,))
+    assert torch.allclose(y, y2, rtol=1e-12, atol=1e-12) and torch.allclose(yd, yd2, rtol=1e-12, atol=1e-12)
+    # primal + tangent: two products, not the third one with the weight's zero tangent
+    n = sum(e.count for e in prof.key_averages() if e.key in ("aten::mkldnn_convolution", "aten::addmm",
+                                                                "aten::mm", "aten::bmm", "aten::thnn_conv2d"))
+    assert n == 2, [(e.key, e.count) for e in prof.key_averages()]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_layer_jvp_wrt_parameters_and_reverse_through_tangent(kind):
+    """Tangents on the parameters take PyTorch's full rule; a loss on the tangent differentiates to the
+    weight exactly as through nn.Linear / nn.Conv2d."""
+    ours, ref, x = _layer_pair(kind)
+    xd = torch.randn_like(x)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    tans = {k: torch.randn_like(v) for k, v in params.items()}
+    f = lambda m: lambda p, a: torch.func.functional_call(m, p, (a,))  # noqa: E731
+    out = torch.func.jvp(f(ours), (params, x), (tans, xd))
+    out2 = torch.func.jvp(f(ref), (params, x), (tans, xd))
+    for a, b in zip(out, out2):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    grads = []
+    for m in (ours, ref):
+        _, yd = torch.func.jvp(m, (x,), (xd,))
+        grads.append(torch.autograd.grad(yd.square().sum() + m(x).sum(), m.weight)[0])
+    assert torch.allclose(*grads, rtol=1e-12, atol=1e-12)
+
+
+def test_nearest_upsample_equals_interpolate():
+    from scm.networks.layers import _resample
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    y, y2 = _resample(x, "up"), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(y, y2)
+    g = torch.randn_like(y)
+    ga, gb = (torch.autograd.grad(a, x, g)[0] for a in (y, y2))
+    assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-6)  # sums of 4 values, in another order
