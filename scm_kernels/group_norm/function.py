@@ -27,6 +27,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
+from scm_kernels._launch import KernelTable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,33 +102,8 @@ def empty_ncs(x3: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Launchers: backend name -> (forward, jvp, backward), resolved lazily (triton imported on first use)
 # ---------------------------------------------------------------------------------------------
-def _cpu_ops():
-    ops = torch.ops.scm
-    return ops.group_norm, ops.group_norm_jvp, ops.group_norm_backward
-
-
-def _triton_ops():
-    from scm_kernels.group_norm import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
-
-    ops = torch.ops.scm_triton
-    return ops.group_norm, ops.group_norm_jvp, ops.group_norm_backward
-
-
-_TABLE = {"cpu": _cpu_ops, "cuda": _cpu_ops, "triton": _triton_ops}
-_resolved: dict = {}
-
-
-def kernels(name: str):
-    """(forward, jvp, backward) of backend `name`, with the arguments of the csrc/ops.cpp schemas."""
-    k = _resolved.get(name)
-    if k is None:
-        k = _resolved[name] = _TABLE[name]()
-    return k
-
-
-LAUNCH = {name: (lambda name: lambda *a: kernels(name)[0](*a))(name) for name in _TABLE}
-JVP = {name: (lambda name: lambda *a: kernels(name)[1](*a))(name) for name in _TABLE}
-BACKWARD = {name: (lambda name: lambda *a: kernels(name)[2](*a))(name) for name in _TABLE}
+kernels = KernelTable("group_norm", "scm_kernels.group_norm.triton_kernels")
+LAUNCH, JVP, BACKWARD = kernels.launch, kernels.jvp, kernels.backward
 
 
 def _detached(tensors):

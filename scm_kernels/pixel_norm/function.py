@@ -21,6 +21,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
+from scm_kernels._launch import KernelTable
 
 
 class View:
@@ -71,32 +72,8 @@ def view_for(a: torch.Tensor, dim: int) -> tuple[View, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Launchers: backend name -> (forward, jvp, backward), resolved lazily
 # ---------------------------------------------------------------------------------------------
-def _cpu_ops():
-    ops = torch.ops.scm
-    return ops.pixel_norm, ops.pixel_norm_jvp, ops.pixel_norm_backward
-
-
-def _triton_ops():
-    from scm_kernels.pixel_norm import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
-
-    ops = torch.ops.scm_triton
-    return ops.pixel_norm, ops.pixel_norm_jvp, ops.pixel_norm_backward
-
-
-_TABLE = {"cpu": _cpu_ops, "cuda": _cpu_ops, "triton": _triton_ops}
-_resolved: dict = {}
-
-
-def kernels(name: str):
-    k = _resolved.get(name)
-    if k is None:
-        k = _resolved[name] = _TABLE[name]()
-    return k
-
-
-LAUNCH = {name: (lambda name: lambda *a: kernels(name)[0](*a))(name) for name in _TABLE}
-JVP = {name: (lambda name: lambda *a: kernels(name)[1](*a))(name) for name in _TABLE}
-BACKWARD = {name: (lambda name: lambda *a: kernels(name)[2](*a))(name) for name in _TABLE}
+kernels = KernelTable("pixel_norm", "scm_kernels.pixel_norm.triton_kernels")
+LAUNCH, JVP, BACKWARD = kernels.launch, kernels.jvp, kernels.backward
 
 
 def forward_kernel(a, dim, eps, name):

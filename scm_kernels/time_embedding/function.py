@@ -13,31 +13,10 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import backend as _backend
+from scm_kernels._launch import KernelTable
 
 
-def _cpu_ops():
-    ops = torch.ops.scm
-    return ops.time_embedding, ops.time_embedding_jvp, ops.time_embedding_backward
-
-
-def _triton_ops():
-    from scm_kernels.time_embedding import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
-
-    ops = torch.ops.scm_triton
-    return ops.time_embedding, ops.time_embedding_jvp, ops.time_embedding_backward
-
-
-# backend name -> () -> (forward, jvp, backward), resolved lazily (triton is imported on first use).
-_TABLE = {"cpu": _cpu_ops, "cuda": _cpu_ops, "triton": _triton_ops}
-_resolved: dict = {}
-
-
-def kernels(name: str):
-    """(forward, jvp, backward) callables of backend `name`, all with the schemas' arguments."""
-    k = _resolved.get(name)
-    if k is None:
-        k = _resolved[name] = _TABLE[name]()
-    return k
+kernels = KernelTable("time_embedding", "scm_kernels.time_embedding.triton_kernels")
 
 
 def _detached(*tensors):
