@@ -22,6 +22,10 @@ pipq() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v
 if [ ! -x "$PY" ]; then
   echo "[setup] creating .venv with $($PYTHON --version 2>&1)"
   "$PYTHON" -m venv .venv
+elif ! "$PY" -m pip --version >/dev/null 2>&1; then
+  # a venv whose creation was interrupted (no pip yet): finish it, keeping whatever is installed
+  echo "[setup] .venv has no pip (interrupted set-up?): installing pip with ensurepip"
+  "$PY" -m ensurepip --upgrade -q 2>/dev/null || { echo "[setup] recreating .venv"; "$PYTHON" -m venv --clear .venv; }
 fi
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
