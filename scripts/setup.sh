@@ -25,7 +25,7 @@ if [ ! -x "$PY" ]; then
 elif ! "$PY" -m pip --version >/dev/null 2>&1; then
   # a venv whose creation was interrupted (no pip yet): finish it, keeping whatever is installed
   echo "[setup] .venv has no pip (interrupted set-up?): installing pip with ensurepip"
-  "$PY" -m ensurepip --upgrade -q 2>/dev/null || { echo "[setup] recreating .venv"; "$PYTHON" -m venv --clear .venv; }
+  "$PY" -m ensurepip --upgrade >/dev/null 2>&1 || { echo "[setup] recreating .venv"; "$PYTHON" -m venv --clear .venv; }
 fi
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
