@@ -316,3 +316,19 @@ def test_nearest_upsample_equals_interpolate():
     g = torch.randn_like(y)
     ga, gb = (torch.autograd.grad(a, x, g)[0] for a in (y, y2))
     assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-6)  # sums of 4 values, in another order
+
+
+@pytest.mark.parametrize("preset", ["demo-digits8", "demo-dit"])
+def test_forward_jvp_runs_two_products_per_layer(preset):
+    """The JVP pass of a whole network (A13) costs two convolutions per Conv2d (primal and tangent),
+    not PyTorch's three: a regression guard for the Linear / Conv2d of scm.networks.layers."""
+    from scm.networks.layers import Conv2d
+    net = create(preset).eval()
+    n_conv = sum(isinstance(m, Conv2d) for m in net.modules())
+    C, R = net.in_channels, net.img_resolution
+    x, xd = torch.randn(2, C, R, R), torch.randn(2, C, R, R)
+    t, td = torch.rand(2), torch.rand(2)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        net.forward_jvp(x, t, xd, td)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_convolution")
+    assert n_conv > 0 and calls == 2 * n_conv, (calls, n_conv)
