@@ -113,6 +113,42 @@ SCM_GN_CLONES void fwd_block(const float* __restrict x, int64_t n, float mu, con
   }
 }
 
+// Channels-last forward (A28) over whole rows of C channels (a chunk of positions of one sample):
+// per-channel sums, vectorized over the channels, folded into groups by the caller.
+// acc_c += x_{s,c} - p_c over the rows (p: the chunk's first row, so that a large common offset costs
+// no precision).
+SCM_GN_CLONES void cl_sum_rows(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict p,
+                               float* __restrict acc) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t c = 0; c < C; ++c) acc[c] += x[s * C + c] - p[c];
+}
+// acc_c += (x_{s,c} - mu_c)^2 over the rows.
+SCM_GN_CLONES void cl_sq_rows(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict mu,
+                              float* __restrict acc) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = x[s * C + c] - mu[c];
+      acc[c] += d * d;
+    }
+}
+// out_{s,c} = act((x_{s,c} - mu_c) A_c + B_c) over the rows.
+SCM_GN_CLONES void cl_fwd_rows(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict mu,
+                               const float* __restrict A, const float* __restrict B, bool silu,
+                               float* __restrict out) {
+  for (int64_t s = 0; s < rows; ++s) {
+    const float* xr = x + s * C;
+    float* o = out + s * C;
+    if (silu) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float a = (xr[c] - mu[c]) * A[c] + B[c];
+        o[c] = a * sigmoid(a);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = (xr[c] - mu[c]) * A[c] + B[c];
+    }
+  }
+}
+
 // (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
 SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
                                   float& s_d, float& s_xd) {
@@ -513,6 +549,92 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
   });
 }
 
+// Channels-last forward with several groups: tasks (sample, chunk of positions), each a contiguous
+// run of whole rows of C channels, so that every load is a full row (the per-group block path would
+// gather Cg channels per position). Stats: per chunk and group, exact two-pass moments (mean from
+// per-channel sums relative to the chunk's first row, then sum (x - mean)^2), merged over the chunks
+// in order with Chan's formula; output pass over the same chunks. The chunking depends on the shape
+// only: results are bitwise reproducible for any number of threads.
+constexpr int64_t kClChunk = 16384;  // elements per chunk (rounded to whole rows)
+
+void group_norm_cl_forward(const Geo& g, const Ncs& xo, const Ncs& yo, const Affine& af, float eps, bool silu,
+                           float* mp, float* rp) {
+  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
+  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));  // positions per chunk
+  const int64_t nch = (S + P - 1) / P;
+  std::vector<Moments> part(g.N * nch * G);
+  auto rows_of = [&](const Ncs& o, int64_t n, int64_t s0) { return o.base + (n * o.sn + s0 * C) * o.es; };
+  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(xo.dt == at::kFloat ? 0 : P * C), acc(C), piv(C), muc(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      const char* raw = rows_of(xo, n, s0);
+      const float* x = reinterpret_cast<const float*>(raw);
+      if (xo.dt != at::kFloat) {
+        load_f32(raw, xo.dt, np * C, buf.data());
+        x = buf.data();
+      }
+      std::copy(x, x + C, piv.begin());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      cl_sum_rows(x, np, C, piv.data(), acc.data());
+      const float cnt = static_cast<float>(np * Cg);
+      for (int64_t grp = 0; grp < G; ++grp) {
+        // sum over the group of (x - q), q = the pivot of its first channel: np (p_c - q) + acc_c per
+        // channel (p_c - q is exact for nearby values), then mean = q + sum / (np Cg): one rounding
+        // of the large part, as in block_moments.
+        const float q = piv[grp * Cg];
+        float sum = 0.f;
+        for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) sum += static_cast<float>(np) * (piv[c] - q) + acc[c];
+        const float mean = q + sum / cnt;
+        for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) muc[c] = mean;
+        part[t * G + grp] = Moments{cnt, mean, 0.f};
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      cl_sq_rows(x, np, C, muc.data(), acc.data());
+      for (int64_t grp = 0; grp < G; ++grp) {
+        float m2 = 0.f;
+        for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) m2 += acc[c];
+        part[t * G + grp].m2 = m2;
+      }
+    }
+  });
+  const float M = g.M();
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t grp = 0; grp < G; ++grp) {
+      Moments m{0.f, 0.f, 0.f};
+      for (int64_t k = 0; k < nch; ++k) m = merge(m, part[(n * nch + k) * G + grp]);
+      mp[n * G + grp] = m.mean;
+      rp[n * G + grp] = group_rstd(m, M, eps);
+    }
+  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(xo.dt == at::kFloat ? 0 : P * C), ob(yo.dt == at::kFloat ? 0 : P * C);
+    std::vector<float> muc(C), Ac(C), Bc(C);
+    int64_t coef_n = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      if (n != coef_n) {  // per-channel mu, A = r gamma s, B = beta s + b of sample n
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t ng = n * G + c / Cg;
+          muc[c] = mp[ng];
+          Ac[c] = af.A(n, c) * rp[ng];
+          Bc[c] = af.B(n, c);
+        }
+        coef_n = n;
+      }
+      const char* raw = rows_of(xo, n, s0);
+      const float* x = reinterpret_cast<const float*>(raw);
+      if (xo.dt != at::kFloat) {
+        load_f32(raw, xo.dt, np * C, buf.data());
+        x = buf.data();
+      }
+      char* yraw = yo.mbase + (n * yo.sn + s0 * C) * yo.es;
+      float* out = yo.dt == at::kFloat ? reinterpret_cast<float*>(yraw) : ob.data();
+      cl_fwd_rows(x, np, C, muc.data(), Ac.data(), Bc.data(), silu, out);
+      if (yo.dt != at::kFloat) store_f32(out, np * C, yo.dt, yraw);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
@@ -531,6 +653,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
   const Affine af{chan_vec(weight, 1.f, false), chan_vec(bias, 0.f, false), chan_vec(scale, 1.f, true),
                   chan_vec(shift, 0.f, true)};
   const float M = g.M(), e = static_cast<float>(eps);
+  if (g.cl && g.G > 1) {
+    group_norm_cl_forward(g, xo, yo, af, e, silu, mp, rp);
+    return {y, mean, rstd};
+  }
   if (g.nsplit == 1) {
     at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
       Scratch sc(4 * g.cap);

@@ -281,6 +281,30 @@ def test_large_offset(kernel_backend):
     assert_rule(jk.cpu(), j64, j32, torch.float32, what=f"{name} large offset jvp")
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_channels_last_forward_several_chunks(kernel_backend, offset):
+    """channels_last with several groups on spatial sizes whose rows span several chunks of the CPU
+    kernel (partial last chunk), with every operand and SiLU; with x * 0.01 + 1e4 as accurate as
+    PyTorch's own fp32 group_norm (within 2x)."""
+    name, device = kernel_backend
+    gen = torch.Generator().manual_seed(23)
+    N, C, G, H, W = 2, 16, 4, 48, 47
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) * (0.01 if offset else 1.0) + offset
+    w, b = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5, torch.randn(C, generator=gen, dtype=torch.float64)
+    sc, sh = 1 + 0.2 * torch.randn(N, C, generator=gen, dtype=torch.float64), torch.randn(N, C, generator=gen,
+                                                                                          dtype=torch.float64)
+    x = x64.float().contiguous(memory_format=torch.channels_last)
+    y = group_norm(x.to(device), G, w.float().to(device), b.float().to(device), scale=sc.float().to(device),
+                   shift=sh.float().to(device), activation="silu", backend=name).cpu()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+    def composite(a, dt):
+        z = F.group_norm(a.to(dt), G, w.to(dt), b.to(dt)) * sc.to(dt)[:, :, None, None] + sh.to(dt)[:, :, None, None]
+        return F.silu(z)
+
+    assert_rule(y, composite(x, torch.float64), composite(x, torch.float32), torch.float32,
+                what=f"{name} channels_last offset {offset}")
+
 # ---------------------------------------------------------------------------------------------
 # Derivatives
 # ---------------------------------------------------------------------------------------------
