@@ -149,6 +149,51 @@ SCM_GN_CLONES void cl_fwd_rows(const float* __restrict x, int64_t rows, int64_t 
   }
 }
 
+// Channels-last JVP (A29) over whole rows: a1_c += x_dot_{s,c}, a2_c += (x_{s,c} - mu_c) x_dot_{s,c}.
+SCM_GN_CLONES void cl_jvp_sums_rows(const float* __restrict x, const float* __restrict xd, int64_t rows, int64_t C,
+                                    const float* __restrict mu, float* __restrict a1, float* __restrict a2) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      a1[c] += xd[s * C + c];
+      a2[c] += (x[s * C + c] - mu[c]) * xd[s * C + c];
+    }
+}
+// Per-channel coefficients of the channels-last JVP rows (each (C,), of one sample).
+struct ClJvpCoef {
+  const float *mu, *r, *m1, *m2, *A, *B, *Ad, *Bd;
+};
+// y_dot rows (A29); xd == nullptr: no tangent of x.
+SCM_GN_CLONES void cl_jvp_rows(const float* __restrict x, const float* __restrict xd, int64_t rows, int64_t C,
+                               ClJvpCoef k, bool silu, float* __restrict out) {
+#define SCM_GN_CL_JVP(XHD, SILU)                                         \
+  for (int64_t s = 0; s < rows; ++s)                                     \
+    for (int64_t c = 0; c < C; ++c) {                                    \
+      const int64_t i = s * C + c;                                       \
+      const float xh = (x[i] - k.mu[c]) * k.r[c];                        \
+      const float ad = (XHD) * k.A[c] + xh * k.Ad[c] + k.Bd[c];          \
+      if (SILU) {                                                        \
+        const float a = xh * k.A[c] + k.B[c];                            \
+        out[i] = silu_grad_from_sig(a, sigmoid(a)) * ad;                 \
+      } else {                                                           \
+        out[i] = ad;                                                     \
+      }                                                                  \
+    }
+  if (xd != nullptr) {
+    if (silu) {
+      SCM_GN_CL_JVP(k.r[c] * (xd[i] - k.m1[c] - xh * k.m2[c]), true)
+    } else {
+      SCM_GN_CL_JVP(k.r[c] * (xd[i] - k.m1[c] - xh * k.m2[c]), false)
+    }
+  } else {
+    if (silu) {
+      SCM_GN_CL_JVP(0.f, true)
+    } else {
+      SCM_GN_CL_JVP(0.f, false)
+    }
+  }
+#undef SCM_GN_CL_JVP
+}
+
 // (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
 SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
                                   float& s_d, float& s_xd) {
@@ -743,6 +788,90 @@ void jvp_apply(const Geo& g, const Ncs& x, const Ncs* xd, const Ncs& yd, const A
   });
 }
 
+// Channels-last JVP with several groups: the chunks of group_norm_cl_forward. Pass 1 (when x has a
+// tangent): per chunk and group, sum x_dot and sum (x - mu) x_dot, added over the chunks in order;
+// pass 2: y_dot rows.
+void group_norm_cl_jvp(const Geo& g, const Ncs& xo, const Ncs* xdp, const Ncs& ydo, const Affine& af,
+                       const Tangents& tg, const float* mp, const float* rp, bool silu) {
+  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
+  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));
+  const int64_t nch = (S + P - 1) / P;
+  const float M = g.M();
+  auto rows_of = [&](const Ncs& o, int64_t n, int64_t s0) { return o.base + (n * o.sn + s0 * C) * o.es; };
+  auto chunk = [&](const Ncs& o, int64_t n, int64_t s0, int64_t np, std::vector<float>& buf) {
+    const char* raw = rows_of(o, n, s0);
+    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(raw);
+    load_f32(raw, o.dt, np * C, buf.data());
+    return static_cast<const float*>(buf.data());
+  };
+  auto mu_of = [&](int64_t n, float* muc) {
+    for (int64_t c = 0; c < C; ++c) muc[c] = mp[n * G + c / Cg];
+  };
+  std::vector<float> m1(g.N * G, 0.f), m2(g.N * G, 0.f);
+  if (xdp != nullptr) {
+    std::vector<float> part(g.N * nch * G * 2);
+    at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> bx(P * C), bxd(P * C), muc(C), a1(C), a2(C);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+        const float* x = chunk(xo, n, s0, np, bx);
+        const float* xd = chunk(*xdp, n, s0, np, bxd);
+        mu_of(n, muc.data());
+        std::fill(a1.begin(), a1.end(), 0.f);
+        std::fill(a2.begin(), a2.end(), 0.f);
+        cl_jvp_sums_rows(x, xd, np, C, muc.data(), a1.data(), a2.data());
+        for (int64_t grp = 0; grp < G; ++grp) {
+          float s1 = 0.f, s2 = 0.f;
+          for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) s1 += a1[c], s2 += a2[c];
+          part[(t * G + grp) * 2] = s1;
+          part[(t * G + grp) * 2 + 1] = s2;
+        }
+      }
+    });
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t grp = 0; grp < G; ++grp) {
+        float s1 = 0.f, s2 = 0.f;
+        for (int64_t k = 0; k < nch; ++k) {
+          s1 += part[((n * nch + k) * G + grp) * 2];
+          s2 += part[((n * nch + k) * G + grp) * 2 + 1];
+        }
+        m1[n * G + grp] = s1 / M;
+        m2[n * G + grp] = rp[n * G + grp] * s2 / M;
+      }
+  }
+  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx(P * C), bxd(xdp != nullptr ? P * C : 0), ob(ydo.dt == at::kFloat ? 0 : P * C);
+    std::vector<float> coef(8 * C);
+    float* muc = coef.data();
+    const ClJvpCoef k{muc, muc + C, muc + 2 * C, muc + 3 * C, muc + 4 * C, muc + 5 * C, muc + 6 * C, muc + 7 * C};
+    int64_t coef_n = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      if (n != coef_n) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t ng = n * G + c / Cg;
+          const float gam = af.w.at(0, c), bet = af.b.at(0, c), sc = af.s.at(n, c), sd = tg.s.at(n, c);
+          muc[c] = mp[ng];
+          muc[C + c] = rp[ng];
+          muc[2 * C + c] = m1[ng];
+          muc[3 * C + c] = m2[ng];
+          muc[4 * C + c] = gam * sc;
+          muc[5 * C + c] = bet * sc + af.sh.at(n, c);
+          muc[6 * C + c] = tg.w.at(0, c) * sc + gam * sd;
+          muc[7 * C + c] = tg.b.at(0, c) * sc + bet * sd + tg.sh.at(n, c);
+        }
+        coef_n = n;
+      }
+      const float* x = chunk(xo, n, s0, np, bx);
+      const float* xd = xdp != nullptr ? chunk(*xdp, n, s0, np, bxd) : nullptr;
+      char* yraw = ydo.mbase + (n * ydo.sn + s0 * C) * ydo.es;
+      float* out = ydo.dt == at::kFloat ? reinterpret_cast<float*>(yraw) : ob.data();
+      cl_jvp_rows(x, xd, np, C, k, silu, out);
+      if (ydo.dt != at::kFloat) store_f32(out, np * C, ydo.dt, yraw);
+    }
+  });
+}
+
 at::Tensor group_norm_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x_dot,
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
@@ -775,6 +904,10 @@ at::Tensor group_norm_jvp_cpu(const at::Tensor& x, const std::optional<at::Tenso
                     chan_vec(shift_dot, 0.f, true)};
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
+  if (g.cl && g.G > 1) {
+    group_norm_cl_jvp(g, xo, xdp, ydo, af, tg, mp, rp, silu);
+    return yd;
+  }
   const float M = g.M();
   std::vector<std::pair<float, float>> part;
   if (g.nsplit > 1) {

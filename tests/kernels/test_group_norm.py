@@ -304,6 +304,16 @@ def test_channels_last_forward_several_chunks(kernel_backend, offset):
 
     assert_rule(y, composite(x, torch.float64), composite(x, torch.float32), torch.float32,
                 what=f"{name} channels_last offset {offset}")
+    # JVP along x (the CPU kernel's channels-last JVP reduces over the same chunks)
+    xd = torch.randn(x.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    _, yd = torch.func.jvp(lambda a: group_norm(a, G, w.float().to(device), b.float().to(device),
+                                                scale=sc.float().to(device), shift=sh.float().to(device),
+                                                activation="silu", backend=name), (x.to(device),),
+                           (xd.float().to(device),))
+    # (PyTorch's own JVP of group_norm fails on channels_last inputs: the references take contiguous ones)
+    _, yd64 = torch.func.jvp(lambda a: composite(a, torch.float64), (x.double().contiguous(),), (xd.contiguous(),))
+    _, yd32 = torch.func.jvp(lambda a: composite(a, torch.float32), (x.contiguous(),), (xd.float().contiguous(),))
+    assert_rule(yd.cpu(), yd64, yd32, torch.float32, what=f"{name} channels_last jvp offset {offset}")
 
 # ---------------------------------------------------------------------------------------------
 # Derivatives
