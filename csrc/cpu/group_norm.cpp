@@ -194,6 +194,57 @@ SCM_GN_CLONES void cl_jvp_rows(const float* __restrict x, const float* __restric
 #undef SCM_GN_CL_JVP
 }
 
+// Channels-last backward (A30) over whole rows, per-channel vectors mu, r, A, B (of one sample):
+// p1_c += da x^, p2_c += da with da = dy SiLU'(a) (or dy), a = x^ A + B, x^ = (x - mu) r.
+SCM_GN_CLONES void cl_bwd_sums_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
+                                    const float* __restrict mu, const float* __restrict r,
+                                    const float* __restrict A, const float* __restrict B, bool silu,
+                                    float* __restrict p1, float* __restrict p2) {
+#define SCM_GN_CL_SUMS(SILU)                                  \
+  for (int64_t s = 0; s < rows; ++s)                          \
+    for (int64_t c = 0; c < C; ++c) {                         \
+      const int64_t i = s * C + c;                            \
+      const float xh = (x[i] - mu[c]) * r[c];                 \
+      float da = dy[i];                                       \
+      if (SILU) {                                             \
+        const float a = xh * A[c] + B[c];                     \
+        da *= silu_grad_from_sig(a, sigmoid(a));              \
+      }                                                       \
+      p1[c] += da * xh;                                       \
+      p2[c] += da;                                            \
+    }
+  if (silu) {
+    SCM_GN_CL_SUMS(true)
+  } else {
+    SCM_GN_CL_SUMS(false)
+  }
+#undef SCM_GN_CL_SUMS
+}
+// dx = r (da A - m1 - x^ m2) over whole rows (per-channel m1, m2 of the channel's group).
+SCM_GN_CLONES void cl_dx_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
+                              const float* __restrict mu, const float* __restrict r, const float* __restrict A,
+                              const float* __restrict B, const float* __restrict m1, const float* __restrict m2,
+                              bool silu, float* __restrict out) {
+#define SCM_GN_CL_DX(SILU)                                    \
+  for (int64_t s = 0; s < rows; ++s)                          \
+    for (int64_t c = 0; c < C; ++c) {                         \
+      const int64_t i = s * C + c;                            \
+      const float xh = (x[i] - mu[c]) * r[c];                 \
+      float da = dy[i];                                       \
+      if (SILU) {                                             \
+        const float a = xh * A[c] + B[c];                     \
+        da *= silu_grad_from_sig(a, sigmoid(a));              \
+      }                                                       \
+      out[i] = r[c] * (da * A[c] - m1[c] - xh * m2[c]);       \
+    }
+  if (silu) {
+    SCM_GN_CL_DX(true)
+  } else {
+    SCM_GN_CL_DX(false)
+  }
+#undef SCM_GN_CL_DX
+}
+
 // (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
 SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
                                   float& s_d, float& s_xd) {
@@ -1024,6 +1075,86 @@ void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Af
   });
 }
 
+// Channels-last backward with several groups, on the chunks of group_norm_cl_forward: pass 1 per-
+// channel sums P1, P2 per chunk, added over the chunks in order; group means m1, m2 from them (A30);
+// pass 2 dx rows (da recomputed).
+void group_norm_cl_backward(const Geo& g, const Ncs& xo, const Ncs& dyo, const Ncs& dxo, const Affine& af,
+                            const float* mp, const float* rp, bool silu, float* p1p, float* p2p) {
+  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
+  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));
+  const int64_t nch = (S + P - 1) / P;
+  const float M = g.M();
+  auto chunk = [&](const Ncs& o, int64_t n, int64_t s0, int64_t np, std::vector<float>& buf) {
+    const char* raw = o.base + (n * o.sn + s0 * C) * o.es;
+    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(raw);
+    load_f32(raw, o.dt, np * C, buf.data());
+    return static_cast<const float*>(buf.data());
+  };
+  // per-channel mu, r, A, B of sample n into v (4 C floats)
+  auto coefs = [&](int64_t n, float* v) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ng = n * G + c / Cg;
+      v[c] = mp[ng];
+      v[C + c] = rp[ng];
+      v[2 * C + c] = af.A(n, c);
+      v[3 * C + c] = af.B(n, c);
+    }
+  };
+  std::vector<float> q(g.N * nch * C * 2);
+  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx(P * C), bdy(P * C), v(4 * C);
+    int64_t coef_n = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      if (n != coef_n) coefs(n, v.data()), coef_n = n;
+      float* q1 = q.data() + t * 2 * C;
+      std::fill(q1, q1 + 2 * C, 0.f);
+      cl_bwd_sums_rows(chunk(xo, n, s0, np, bx), chunk(dyo, n, s0, np, bdy), np, C, v.data(), v.data() + C,
+                       v.data() + 2 * C, v.data() + 3 * C, silu, q1, q1 + C);
+    }
+  });
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      float s1 = 0.f, s2 = 0.f;
+      for (int64_t k = 0; k < nch; ++k) {
+        s1 += q[(n * nch + k) * 2 * C + c];
+        s2 += q[(n * nch + k) * 2 * C + C + c];
+      }
+      p1p[n * C + c] = s1;
+      p2p[n * C + c] = s2;
+    }
+  // m1_g = sum_c A P2 / M, m2_g = sum_c A P1 / M over the group's channels, in order
+  std::vector<float> m1(g.N * G), m2(g.N * G);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t grp = 0; grp < G; ++grp) {
+      float s1 = 0.f, s2 = 0.f;
+      for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) {
+        const float A = af.A(n, c);
+        s1 += A * p2p[n * C + c];
+        s2 += A * p1p[n * C + c];
+      }
+      m1[n * G + grp] = s1 / M;
+      m2[n * G + grp] = s2 / M;
+    }
+  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx(P * C), bdy(P * C), ob(dxo.dt == at::kFloat ? 0 : P * C), v(6 * C);
+    int64_t coef_n = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      if (n != coef_n) {
+        coefs(n, v.data());
+        for (int64_t c = 0; c < C; ++c) v[4 * C + c] = m1[n * G + c / Cg], v[5 * C + c] = m2[n * G + c / Cg];
+        coef_n = n;
+      }
+      char* raw = dxo.mbase + (n * dxo.sn + s0 * C) * dxo.es;
+      float* out = dxo.dt == at::kFloat ? reinterpret_cast<float*>(raw) : ob.data();
+      cl_dx_rows(chunk(xo, n, s0, np, bx), chunk(dyo, n, s0, np, bdy), np, C, v.data(), v.data() + C,
+                 v.data() + 2 * C, v.data() + 3 * C, v.data() + 4 * C, v.data() + 5 * C, silu, out);
+      if (dxo.dt != at::kFloat) store_f32(out, np * C, dxo.dt, raw);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
@@ -1047,6 +1178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
                   chan_vec(shift, 0.f, true)};
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
+  if (g.cl && g.G > 1) {
+    group_norm_cl_backward(g, xo, dyo, dxo, af, mp, rp, silu, p1p, p2p);
+    return {dx, p1, p2};
+  }
   const float M = g.M();
   // Group means of dx^ and dx^ x^ from the per-channel sums (A30), channels in order.
   auto group_means = [&](int64_t n, int64_t grp) {

@@ -314,6 +314,21 @@ def test_channels_last_forward_several_chunks(kernel_backend, offset):
     _, yd64 = torch.func.jvp(lambda a: composite(a, torch.float64), (x.double().contiguous(),), (xd.contiguous(),))
     _, yd32 = torch.func.jvp(lambda a: composite(a, torch.float32), (x.contiguous(),), (xd.float().contiguous(),))
     assert_rule(yd.cpu(), yd64, yd32, torch.float32, what=f"{name} channels_last jvp offset {offset}")
+    # backward: gradients of x, weight, bias, scale, shift
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    def grads(fn, dt, dev):
+        leaves = [a.to(dt).to(dev).detach().requires_grad_() for a in (x, w, b, sc, sh)]
+        return [g.cpu() for g in torch.autograd.grad(fn(*leaves), leaves, dy.to(dt).to(dev))]
+
+    ours = grads(lambda a, ww, bb, ss, hh: group_norm(a, G, ww, bb, scale=ss, shift=hh, activation="silu",
+                                                       backend=name), torch.float32, device)
+
+    def comp(a, ww, bb, ss, hh):
+        return F.silu(F.group_norm(a, G, ww, bb) * ss[:, :, None, None] + hh[:, :, None, None])
+
+    for k, (g, g64, g32) in enumerate(zip(ours, grads(comp, torch.float64, "cpu"), grads(comp, torch.float32, "cpu"))):
+        assert_rule(g, g64, g32, torch.float32, what=f"{name} channels_last grad {k} offset {offset}")
 
 # ---------------------------------------------------------------------------------------------
 # Derivatives
