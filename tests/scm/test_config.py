@@ -62,7 +62,8 @@ def test_override_parses_by_annotation():
     c.validate()
     assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # kwargs lists back to tuples
     # a new object: the base is untouched
-    assert base.optim.lr == 2e-4 and base.loss.teacher == "runs/digits-teacher"
+    assert base.optim.lr == get_preset("digits-sct").optim.lr != c.optim.lr
+    assert base.loss.teacher == "runs/digits-teacher"
     assert "dropout" not in base.model.kwargs
     assert base.override(["ema.power_stds="]).ema.power_stds == ()
     assert base.override(["ema.power_stds=(0.05, 0.1)"]).ema.power_stds == (0.05, 0.1)
