@@ -18,8 +18,13 @@ def test_demo_miniature(tmp_path, monkeypatch):
     torch.manual_seed(0)
     clf = DigitsClassifier().eval().requires_grad_(False)  # untrained stand-in: plumbing, not quality
     monkeypatch.setattr(metrics, "digits_classifier", lambda cache_dir=None: clf)
-    budget = demo.Budget(teacher_steps=3, scd_steps=2, sct_steps=2, samples=30, ode_steps=3)
+    budget = demo.Budget(teacher_steps=3, scd_steps=2, sct_steps=2, samples=30, ode_steps=3,
+                         sct_overrides=("optim.lr=3e-4", "run.batch_size=16"))
     res = demo.main(tmp_path, budget=budget, overrides=TINY, progress=False)
+    # the budget's sCT settings apply to sCT only, and the caller's overrides win over them
+    sct_cfg = json.loads((tmp_path / "sct" / "config.json").read_text())
+    assert sct_cfg["optim"]["lr"] == 3e-4 and sct_cfg["run"]["batch_size"] == 8
+    assert json.loads((tmp_path / "scd" / "config.json").read_text())["optim"]["lr"] != 3e-4
     names = [r["sampler"] for r in res["rows"]]
     assert names == ["real digits (train split)", "teacher DPM-Solver-2, 3 steps", "teacher DPM-Solver-2, 2 steps",
                      "sCD 1-step", "sCD 2-step", "sCT 1-step", "sCT 2-step"]
