@@ -198,57 +198,6 @@ SCM_GN_CLONES void cl_jvp_rows(const float* __restrict x, const float* __restric
 #undef SCM_GN_CL_JVP
 }
 
-// Channels-last backward (A30) over whole rows, per-channel vectors mu, r, A, B (of one sample):
-// p1_c += da x^, p2_c += da with da = dy SiLU'(a) (or dy), a = x^ A + B, x^ = (x - mu) r.
-SCM_GN_CLONES void cl_bwd_sums_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
-                                    const float* __restrict mu, const float* __restrict r,
-                                    const float* __restrict A, const float* __restrict B, bool silu,
-                                    float* __restrict p1, float* __restrict p2) {
-#define SCM_GN_CL_SUMS(SILU)                                  \
-  for (int64_t s = 0; s < rows; ++s)                          \
-    for (int64_t c = 0; c < C; ++c) {                         \
-      const int64_t i = s * C + c;                            \
-      const float xh = (x[i] - mu[c]) * r[c];                 \
-      float da = dy[i];                                       \
-      if (SILU) {                                             \
-        const float a = xh * A[c] + B[c];                     \
-        da *= silu_grad_from_sig(a, sigmoid(a));              \
-      }                                                       \
-      p1[c] += da * xh;                                       \
-      p2[c] += da;                                            \
-    }
-  if (silu) {
-    SCM_GN_CL_SUMS(true)
-  } else {
-    SCM_GN_CL_SUMS(false)
-  }
-#undef SCM_GN_CL_SUMS
-}
-// dx = r (da A - m1 - x^ m2) over whole rows (per-channel m1, m2 of the channel's group).
-SCM_GN_CLONES void cl_dx_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
-                              const float* __restrict mu, const float* __restrict r, const float* __restrict A,
-                              const float* __restrict B, const float* __restrict m1, const float* __restrict m2,
-                              bool silu, float* __restrict out) {
-#define SCM_GN_CL_DX(SILU)                                    \
-  for (int64_t s = 0; s < rows; ++s)                          \
-    for (int64_t c = 0; c < C; ++c) {                         \
-      const int64_t i = s * C + c;                            \
-      const float xh = (x[i] - mu[c]) * r[c];                 \
-      float da = dy[i];                                       \
-      if (SILU) {                                             \
-        const float a = xh * A[c] + B[c];                     \
-        da *= silu_grad_from_sig(a, sigmoid(a));              \
-      }                                                       \
-      out[i] = r[c] * (da * A[c] - m1[c] - xh * m2[c]);       \
-    }
-  if (silu) {
-    SCM_GN_CL_DX(true)
-  } else {
-    SCM_GN_CL_DX(false)
-  }
-#undef SCM_GN_CL_DX
-}
-
 // (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
 SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
                                   float& s_d, float& s_xd) {
@@ -384,6 +333,47 @@ SCM_GN_CLONES void dx_block(const float* __restrict x, const float* __restrict d
     SCM_GN_DX(false)
   }
 #undef SCM_GN_DX
+}
+// Channels-last backward (A30) over whole rows of C channels (a chunk of one sample), with
+// per-channel vectors muv, rv, A, B: p1_c += da x^, p2_c += da.
+SCM_GN_CLONES void cl_bwd_sums_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
+                                    const float* __restrict muv, const float* __restrict rv,
+                                    const float* __restrict A, const float* __restrict B, bool silu,
+                                    float* __restrict p1, float* __restrict p2) {
+#define SCM_GN_CL_SUMS(SILU)                           \
+  for (int64_t s = 0; s < rows; ++s)                   \
+    for (int64_t c = 0; c < C; ++c) {                  \
+      const float mu = muv[c], r = rv[c];              \
+      SCM_GN_DA(SILU, s * C + c, A[c], B[c])           \
+      p1[c] += da * xh;                                \
+      p2[c] += da;                                     \
+    }
+  if (silu) {
+    SCM_GN_CL_SUMS(true)
+  } else {
+    SCM_GN_CL_SUMS(false)
+  }
+#undef SCM_GN_CL_SUMS
+}
+
+// Channels-last dx = r (da A - m1 - x^ m2) over whole rows (m1, m2 per channel, of its group).
+SCM_GN_CLONES void cl_dx_rows(const float* __restrict x, const float* __restrict dy, int64_t rows, int64_t C,
+                              const float* __restrict muv, const float* __restrict rv, const float* __restrict A,
+                              const float* __restrict B, const float* __restrict m1, const float* __restrict m2,
+                              bool silu, float* __restrict out) {
+#define SCM_GN_CL_DX(SILU)                             \
+  for (int64_t s = 0; s < rows; ++s)                   \
+    for (int64_t c = 0; c < C; ++c) {                  \
+      const float mu = muv[c], r = rv[c];              \
+      SCM_GN_DA(SILU, s * C + c, A[c], B[c])           \
+      out[s * C + c] = r * (da * A[c] - m1[c] - xh * m2[c]); \
+    }
+  if (silu) {
+    SCM_GN_CL_DX(true)
+  } else {
+    SCM_GN_CL_DX(false)
+  }
+#undef SCM_GN_CL_DX
 }
 #undef SCM_GN_DA
 
@@ -657,23 +647,45 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
 // only: results are bitwise reproducible for any number of threads.
 constexpr int64_t kClChunk = 16384;  // elements per chunk (rounded to whole rows)
 
+// The chunks of the channels-last paths: P whole positions (rows of C channels) per chunk, nch chunks
+// per sample; task t = (sample t / nch, chunk t % nch).
+struct ClChunks {
+  int64_t C, S, P, nch;
+  explicit ClChunks(const Geo& g)
+      : C(g.C), S(g.S), P(std::max<int64_t>(1, std::min(g.S, kClChunk / g.C))), nch((g.S + P - 1) / P) {}
+  int64_t n(int64_t t) const { return t / nch; }
+  int64_t s0(int64_t t) const { return (t % nch) * P; }
+  int64_t rows(int64_t t) const { return std::min(P, S - s0(t)); }
+  int64_t offset(const Ncs& o, int64_t t) const { return (n(t) * o.sn + s0(t) * C) * o.es; }
+  // fp32 rows of chunk t of operand o: in place when fp32, else converted into buf (P C floats)
+  const float* load(const Ncs& o, int64_t t, std::vector<float>& buf) const {
+    const char* raw = o.base + offset(o, t);
+    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(raw);
+    buf.resize(P * C);
+    load_f32(raw, o.dt, rows(t) * C, buf.data());
+    return buf.data();
+  }
+  // where chunk t's fp32 results go: the output itself when fp32, else buf (then store())
+  float* out(const Ncs& o, int64_t t, std::vector<float>& buf) const {
+    if (o.dt == at::kFloat) return reinterpret_cast<float*>(o.mbase + offset(o, t));
+    buf.resize(P * C);
+    return buf.data();
+  }
+  void store(const Ncs& o, int64_t t, const float* vals) const {
+    if (o.dt != at::kFloat) store_f32(vals, rows(t) * C, o.dt, o.mbase + offset(o, t));
+  }
+};
+
 void group_norm_cl_forward(const Geo& g, const Ncs& xo, const Ncs& yo, const Affine& af, float eps, bool silu,
                            float* mp, float* rp) {
-  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
-  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));  // positions per chunk
-  const int64_t nch = (S + P - 1) / P;
-  std::vector<Moments> part(g.N * nch * G);
-  auto rows_of = [&](const Ncs& o, int64_t n, int64_t s0) { return o.base + (n * o.sn + s0 * C) * o.es; };
-  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(xo.dt == at::kFloat ? 0 : P * C), acc(C), piv(C), muc(C);
+  const int64_t C = g.C, G = g.G, Cg = g.Cg;
+  const ClChunks ch(g);
+  std::vector<Moments> part(g.N * ch.nch * G);
+  at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, acc(C), piv(C), muc(C);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
-      const char* raw = rows_of(xo, n, s0);
-      const float* x = reinterpret_cast<const float*>(raw);
-      if (xo.dt != at::kFloat) {
-        load_f32(raw, xo.dt, np * C, buf.data());
-        x = buf.data();
-      }
+      const int64_t np = ch.rows(t);
+      const float* x = ch.load(xo, t, buf);
       std::copy(x, x + C, piv.begin());
       std::fill(acc.begin(), acc.end(), 0.f);
       cl_sum_rows(x, np, C, piv.data(), acc.data());
@@ -702,16 +714,15 @@ void group_norm_cl_forward(const Geo& g, const Ncs& xo, const Ncs& yo, const Aff
   for (int64_t n = 0; n < g.N; ++n)
     for (int64_t grp = 0; grp < G; ++grp) {
       Moments m{0.f, 0.f, 0.f};
-      for (int64_t k = 0; k < nch; ++k) m = merge(m, part[(n * nch + k) * G + grp]);
+      for (int64_t k = 0; k < ch.nch; ++k) m = merge(m, part[(n * ch.nch + k) * G + grp]);
       mp[n * G + grp] = m.mean;
       rp[n * G + grp] = group_rstd(m, M, eps);
     }
-  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(xo.dt == at::kFloat ? 0 : P * C), ob(yo.dt == at::kFloat ? 0 : P * C);
-    std::vector<float> muc(C), Ac(C), Bc(C);
+  at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, ob, muc(C), Ac(C), Bc(C);
     int64_t coef_n = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      const int64_t n = ch.n(t);
       if (n != coef_n) {  // per-channel mu, A = r gamma s, B = beta s + b of sample n
         for (int64_t c = 0; c < C; ++c) {
           const int64_t ng = n * G + c / Cg;
@@ -721,16 +732,9 @@ void group_norm_cl_forward(const Geo& g, const Ncs& xo, const Ncs& yo, const Aff
         }
         coef_n = n;
       }
-      const char* raw = rows_of(xo, n, s0);
-      const float* x = reinterpret_cast<const float*>(raw);
-      if (xo.dt != at::kFloat) {
-        load_f32(raw, xo.dt, np * C, buf.data());
-        x = buf.data();
-      }
-      char* yraw = yo.mbase + (n * yo.sn + s0 * C) * yo.es;
-      float* out = yo.dt == at::kFloat ? reinterpret_cast<float*>(yraw) : ob.data();
-      cl_fwd_rows(x, np, C, muc.data(), Ac.data(), Bc.data(), silu, out);
-      if (yo.dt != at::kFloat) store_f32(out, np * C, yo.dt, yraw);
+      float* out = ch.out(yo, t, ob);
+      cl_fwd_rows(ch.load(xo, t, buf), ch.rows(t), C, muc.data(), Ac.data(), Bc.data(), silu, out);
+      ch.store(yo, t, out);
     }
   });
 }
@@ -848,33 +852,20 @@ void jvp_apply(const Geo& g, const Ncs& x, const Ncs* xd, const Ncs& yd, const A
 // pass 2: y_dot rows.
 void group_norm_cl_jvp(const Geo& g, const Ncs& xo, const Ncs* xdp, const Ncs& ydo, const Affine& af,
                        const Tangents& tg, const float* mp, const float* rp, bool silu) {
-  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
-  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));
-  const int64_t nch = (S + P - 1) / P;
+  const int64_t C = g.C, G = g.G, Cg = g.Cg;
+  const ClChunks ch(g);
   const float M = g.M();
-  auto rows_of = [&](const Ncs& o, int64_t n, int64_t s0) { return o.base + (n * o.sn + s0 * C) * o.es; };
-  auto chunk = [&](const Ncs& o, int64_t n, int64_t s0, int64_t np, std::vector<float>& buf) {
-    const char* raw = rows_of(o, n, s0);
-    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(raw);
-    load_f32(raw, o.dt, np * C, buf.data());
-    return static_cast<const float*>(buf.data());
-  };
-  auto mu_of = [&](int64_t n, float* muc) {
-    for (int64_t c = 0; c < C; ++c) muc[c] = mp[n * G + c / Cg];
-  };
   std::vector<float> m1(g.N * G, 0.f), m2(g.N * G, 0.f);
   if (xdp != nullptr) {
-    std::vector<float> part(g.N * nch * G * 2);
-    at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> bx(P * C), bxd(P * C), muc(C), a1(C), a2(C);
+    std::vector<float> part(g.N * ch.nch * G * 2);
+    at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> bx, bxd, muc(C), a1(C), a2(C);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
-        const float* x = chunk(xo, n, s0, np, bx);
-        const float* xd = chunk(*xdp, n, s0, np, bxd);
-        mu_of(n, muc.data());
+        for (int64_t c = 0; c < C; ++c) muc[c] = mp[ch.n(t) * G + c / Cg];
         std::fill(a1.begin(), a1.end(), 0.f);
         std::fill(a2.begin(), a2.end(), 0.f);
-        cl_jvp_sums_rows(x, xd, np, C, muc.data(), a1.data(), a2.data());
+        cl_jvp_sums_rows(ch.load(xo, t, bx), ch.load(*xdp, t, bxd), ch.rows(t), C, muc.data(), a1.data(),
+                         a2.data());
         for (int64_t grp = 0; grp < G; ++grp) {
           float s1 = 0.f, s2 = 0.f;
           for (int64_t c = grp * Cg; c < (grp + 1) * Cg; ++c) s1 += a1[c], s2 += a2[c];
@@ -886,43 +877,40 @@ void group_norm_cl_jvp(const Geo& g, const Ncs& xo, const Ncs* xdp, const Ncs& y
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t grp = 0; grp < G; ++grp) {
         float s1 = 0.f, s2 = 0.f;
-        for (int64_t k = 0; k < nch; ++k) {
-          s1 += part[((n * nch + k) * G + grp) * 2];
-          s2 += part[((n * nch + k) * G + grp) * 2 + 1];
+        for (int64_t k = 0; k < ch.nch; ++k) {
+          s1 += part[((n * ch.nch + k) * G + grp) * 2];
+          s2 += part[((n * ch.nch + k) * G + grp) * 2 + 1];
         }
         m1[n * G + grp] = s1 / M;
         m2[n * G + grp] = rp[n * G + grp] * s2 / M;
       }
   }
-  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bx(P * C), bxd(xdp != nullptr ? P * C : 0), ob(ydo.dt == at::kFloat ? 0 : P * C);
-    std::vector<float> coef(8 * C);
-    float* muc = coef.data();
-    const ClJvpCoef k{muc, muc + C, muc + 2 * C, muc + 3 * C, muc + 4 * C, muc + 5 * C, muc + 6 * C, muc + 7 * C};
+  at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx, bxd, ob, coef(8 * C);
+    float* v = coef.data();
+    const ClJvpCoef k{v, v + C, v + 2 * C, v + 3 * C, v + 4 * C, v + 5 * C, v + 6 * C, v + 7 * C};
     int64_t coef_n = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      const int64_t n = ch.n(t);
       if (n != coef_n) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t ng = n * G + c / Cg;
           const float gam = af.w.at(0, c), bet = af.b.at(0, c), sc = af.s.at(n, c), sd = tg.s.at(n, c);
-          muc[c] = mp[ng];
-          muc[C + c] = rp[ng];
-          muc[2 * C + c] = m1[ng];
-          muc[3 * C + c] = m2[ng];
-          muc[4 * C + c] = gam * sc;
-          muc[5 * C + c] = bet * sc + af.sh.at(n, c);
-          muc[6 * C + c] = tg.w.at(0, c) * sc + gam * sd;
-          muc[7 * C + c] = tg.b.at(0, c) * sc + bet * sd + tg.sh.at(n, c);
+          v[c] = mp[ng];
+          v[C + c] = rp[ng];
+          v[2 * C + c] = m1[ng];
+          v[3 * C + c] = m2[ng];
+          v[4 * C + c] = gam * sc;
+          v[5 * C + c] = bet * sc + af.sh.at(n, c);
+          v[6 * C + c] = tg.w.at(0, c) * sc + gam * sd;
+          v[7 * C + c] = tg.b.at(0, c) * sc + bet * sd + tg.sh.at(n, c);
         }
         coef_n = n;
       }
-      const float* x = chunk(xo, n, s0, np, bx);
-      const float* xd = xdp != nullptr ? chunk(*xdp, n, s0, np, bxd) : nullptr;
-      char* yraw = ydo.mbase + (n * ydo.sn + s0 * C) * ydo.es;
-      float* out = ydo.dt == at::kFloat ? reinterpret_cast<float*>(yraw) : ob.data();
-      cl_jvp_rows(x, xd, np, C, k, silu, out);
-      if (ydo.dt != at::kFloat) store_f32(out, np * C, ydo.dt, yraw);
+      float* out = ch.out(ydo, t, ob);
+      cl_jvp_rows(ch.load(xo, t, bx), xdp != nullptr ? ch.load(*xdp, t, bxd) : nullptr, ch.rows(t), C, k, silu,
+                  out);
+      ch.store(ydo, t, out);
     }
   });
 }
@@ -1084,16 +1072,9 @@ void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Af
 // pass 2 dx rows (da recomputed).
 void group_norm_cl_backward(const Geo& g, const Ncs& xo, const Ncs& dyo, const Ncs& dxo, const Affine& af,
                             const float* mp, const float* rp, bool silu, float* p1p, float* p2p) {
-  const int64_t C = g.C, G = g.G, Cg = g.Cg, S = g.S;
-  const int64_t P = std::max<int64_t>(1, std::min(S, kClChunk / C));
-  const int64_t nch = (S + P - 1) / P;
+  const int64_t C = g.C, G = g.G, Cg = g.Cg;
+  const ClChunks ch(g);
   const float M = g.M();
-  auto chunk = [&](const Ncs& o, int64_t n, int64_t s0, int64_t np, std::vector<float>& buf) {
-    const char* raw = o.base + (n * o.sn + s0 * C) * o.es;
-    if (o.dt == at::kFloat) return reinterpret_cast<const float*>(raw);
-    load_f32(raw, o.dt, np * C, buf.data());
-    return static_cast<const float*>(buf.data());
-  };
   // per-channel mu, r, A, B of sample n into v (4 C floats)
   auto coefs = [&](int64_t n, float* v) {
     for (int64_t c = 0; c < C; ++c) {
@@ -1104,25 +1085,24 @@ void group_norm_cl_backward(const Geo& g, const Ncs& xo, const Ncs& dyo, const N
       v[3 * C + c] = af.B(n, c);
     }
   };
-  std::vector<float> q(g.N * nch * C * 2);
-  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bx(P * C), bdy(P * C), v(4 * C);
+  std::vector<float> q(g.N * ch.nch * C * 2);
+  at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx, bdy, v(4 * C);
     int64_t coef_n = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
-      if (n != coef_n) coefs(n, v.data()), coef_n = n;
+      if (ch.n(t) != coef_n) coefs(ch.n(t), v.data()), coef_n = ch.n(t);
       float* q1 = q.data() + t * 2 * C;
       std::fill(q1, q1 + 2 * C, 0.f);
-      cl_bwd_sums_rows(chunk(xo, n, s0, np, bx), chunk(dyo, n, s0, np, bdy), np, C, v.data(), v.data() + C,
+      cl_bwd_sums_rows(ch.load(xo, t, bx), ch.load(dyo, t, bdy), ch.rows(t), C, v.data(), v.data() + C,
                        v.data() + 2 * C, v.data() + 3 * C, silu, q1, q1 + C);
     }
   });
   for (int64_t n = 0; n < g.N; ++n)
     for (int64_t c = 0; c < C; ++c) {
       float s1 = 0.f, s2 = 0.f;
-      for (int64_t k = 0; k < nch; ++k) {
-        s1 += q[(n * nch + k) * 2 * C + c];
-        s2 += q[(n * nch + k) * 2 * C + C + c];
+      for (int64_t k = 0; k < ch.nch; ++k) {
+        s1 += q[(n * ch.nch + k) * 2 * C + c];
+        s2 += q[(n * ch.nch + k) * 2 * C + C + c];
       }
       p1p[n * C + c] = s1;
       p2p[n * C + c] = s2;
@@ -1140,21 +1120,20 @@ void group_norm_cl_backward(const Geo& g, const Ncs& xo, const Ncs& dyo, const N
       m1[n * G + grp] = s1 / M;
       m2[n * G + grp] = s2 / M;
     }
-  at::parallel_for(0, g.N * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bx(P * C), bdy(P * C), ob(dxo.dt == at::kFloat ? 0 : P * C), v(6 * C);
+  at::parallel_for(0, g.N * ch.nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bx, bdy, ob, v(6 * C);
     int64_t coef_n = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nch, s0 = (t % nch) * P, np = std::min(P, S - s0);
+      const int64_t n = ch.n(t);
       if (n != coef_n) {
         coefs(n, v.data());
         for (int64_t c = 0; c < C; ++c) v[4 * C + c] = m1[n * G + c / Cg], v[5 * C + c] = m2[n * G + c / Cg];
         coef_n = n;
       }
-      char* raw = dxo.mbase + (n * dxo.sn + s0 * C) * dxo.es;
-      float* out = dxo.dt == at::kFloat ? reinterpret_cast<float*>(raw) : ob.data();
-      cl_dx_rows(chunk(xo, n, s0, np, bx), chunk(dyo, n, s0, np, bdy), np, C, v.data(), v.data() + C,
-                 v.data() + 2 * C, v.data() + 3 * C, v.data() + 4 * C, v.data() + 5 * C, silu, out);
-      if (dxo.dt != at::kFloat) store_f32(out, np * C, dxo.dt, raw);
+      float* out = ch.out(dxo, t, ob);
+      cl_dx_rows(ch.load(xo, t, bx), ch.load(dyo, t, bdy), ch.rows(t), C, v.data(), v.data() + C, v.data() + 2 * C,
+                 v.data() + 3 * C, v.data() + 4 * C, v.data() + 5 * C, silu, out);
+      ch.store(dxo, t, out);
     }
   });
 }
