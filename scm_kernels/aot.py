@@ -18,6 +18,8 @@ No GPU is needed (see shared/docs/no-gpu.md, section 2):
 A row fails on: compile error; spills (STACK > 0, LOCAL > 0 or ptxas spill stores/loads > 0);
 shared memory over the architecture's per-block opt-in limit (SHARED_LIMIT); a Triton block that
 needs more than 64K registers; `expects_mma=True` without a tensor-core instruction in the SASS.
+Besides, each Triton kernel goes through the front end with its integer arguments equal to 1 (what
+Triton specializes at run time; see `ones_specialization_failures`): a failure is a row too.
 The exit status is 1 when any row fails, 0 otherwise.
 
 Function API: `run(specs, archs, cu_files=...) -> rows` (list of dicts, the `--json` rows);
@@ -597,6 +599,51 @@ def run(specs=(), archs=ARCHS, *, cu_files=(), jobs: int | None = None, cache_di
     return rows
 
 
+def ones_specialization_failures(specs, arch: int = 90) -> list:
+    """Failed rows for kernels whose front end breaks when an integer argument equals 1.
+
+    At run time Triton turns an int argument equal to 1 into the constant 1 (a Python int inside the
+    kernel), so `(a * b).to(tl.float32)` works for every size but 1 ("'int' object has no attribute
+    'to'"; `tl.cast` takes both). The compiled specs never see this: their ints are runtime values.
+    Here every distinct (kernel, constexprs) of `specs` goes through the front end (Python AST to
+    TTIR, no ptxas) with all its i32/i64 arguments set to 1, except those the kernel lists in
+    `do_not_specialize`. Python ints are the only new kind of value, and all-ones makes the most of them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton._C.libtriton import ir
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    failed, seen, done = [], set(), set()
+    for s in specs:
+        if not isinstance(s, KernelSpec):
+            continue
+        fn = _jit_function(s.fn)
+        key = (id(fn), tuple(sorted((k, repr(v)) for k, v in s.constexprs.items())))
+        if key in seen or fn.__name__ in done:
+            continue
+        seen.add(key)
+        dns = getattr(fn, "do_not_specialize", None) or ()
+        keep = {fn.arg_names[a] if isinstance(a, int) else a for a in dns}
+        sig, ce = dict(s.signature), dict(s.constexprs)
+        for a, t in s.signature.items():
+            if t in ("i32", "i64") and a not in keep:
+                sig[a], ce[a] = "constexpr", 1
+        opts = backend.parse_options({"num_warps": s.num_warps, "num_stages": s.num_stages})
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        backend.load_dialects(ctx)
+        try:
+            ASTSource(fn=fn, signature=sig, constexprs=ce).make_ir(
+                target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), ctx)
+        except Exception as e:
+            done.add(fn.__name__)  # one row per kernel
+            failed.append(_failed("triton", s.op, s.kernel_name, None, "int arguments = 1 (run-time "
+                                  "specialization)", _describe(e)))
+    return failed
+
+
 def _op_modules() -> dict:
     return {d.name: f"scm_kernels.{d.name}.triton_kernels"
             for d in sorted(_PKG.iterdir()) if (d / "triton_kernels.py").is_file()}
@@ -718,6 +765,8 @@ def main(argv=None) -> int:
     cu_files = list(cu_files) + [Path(c) for c in args.cu]
     cache_dir = None if args.no_cache else (args.cache_dir or "default")
     rows = run(specs, archs, cu_files=cu_files, jobs=args.jobs, cache_dir=cache_dir)
+    if specs:
+        failed += ones_specialization_failures(specs)
     rows = sorted(failed + rows, key=lambda r: (r["kind"] != "triton", r["op"], r["kernel"], r["config"],
                                                  r["arch"] or 0))
     line = summary(rows, time.perf_counter() - t0)

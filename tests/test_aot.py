@@ -115,6 +115,35 @@ CLEAN_SPECS = [COPY, DOT]
 AOT_SPECS = [COPY, DOT, SPILL, BIG_SMEM, NO_MMA, BAD_SIG]
 '''
 
+# `(A * B).to(...)` compiles for any runtime A, B, but Triton turns an int argument equal to 1 into
+# the constant 1: with A = B = 1 the product is a Python int without `.to` (seen on an H100).
+TOY_ONES = '''
+import triton
+import triton.language as tl
+from scm_kernels.aot import spec
+
+
+@triton.jit
+def toy_ones(X, A, B, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs) / (A * B).to(tl.float32))
+
+
+@triton.jit
+def toy_ones_cast(X, A, B, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs) / tl.cast(A * B, tl.float32))
+
+
+@triton.jit(do_not_specialize=["A", "B"])
+def toy_ones_unspecialized(X, A, B, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs) / (A * B).to(tl.float32))
+
+
+SIG = {"X": "*fp32", "A": "i32", "B": "i32", "BLOCK": "constexpr"}
+AOT_SPECS = [spec("toy", f, SIG, {"BLOCK": 128}) for f in (toy_ones, toy_ones_cast, toy_ones_unspecialized)]
+'''
 TOY_CLEAN = "from toy_aot_kernels import CLEAN_SPECS as AOT_SPECS\n"
 TOY_BROKEN = "import toy_aot_kernels\nraise ImportError('toy module that cannot be imported')\n"
 
@@ -125,6 +154,7 @@ def toy_dir(tmp_path_factory):
     (d / "toy_aot_kernels.py").write_text(TOY_TRITON)
     (d / "toy_aot_clean.py").write_text(TOY_CLEAN)
     (d / "toy_aot_broken.py").write_text(TOY_BROKEN)
+    (d / "toy_aot_ones.py").write_text(TOY_ONES)
     return d
 
 
@@ -168,6 +198,19 @@ def test_toy_triton_detection(toy_report):
     broken = [r for r in rows if r["op"] == "toy_aot_broken"]
     assert len(broken) == 1 and broken[0]["kernel"] == "<import>" and broken[0]["status"] == "FAIL"
     assert "toy module that cannot be imported" in broken[0]["problems"][0]
+
+
+def test_int_arguments_equal_to_one(toy_dir):
+    """A kernel whose front end breaks when an int argument is 1 fails with its own row; tl.cast and
+    do_not_specialize pass; the cubins of all three compile."""
+    p = _aot(["--json", "--no-discover", "--no-cache", "--arch", "90", "--module", "toy_aot_ones"], toy_dir)
+    rows = _rows(p)
+    assert p.returncode == 1
+    ones = [r for r in rows if "int arguments = 1" in r["config"]]
+    assert [r["kernel"] for r in ones] == ["toy_ones"], rows
+    assert ones[0]["status"] == "FAIL" and "has no attribute 'to'" in ones[0]["problems"][0]
+    assert sorted(r["kernel"] for r in rows if r["arch"] == 90 and r["status"] == "ok") == \
+        ["toy_ones", "toy_ones_cast", "toy_ones_unspecialized"]
 
 
 def test_clean_toys_exit_zero_and_table(toy_dir):

@@ -70,7 +70,7 @@ def _omega(FREQS, cols, cmask, half, stride_f, log_max_period,
         f = tl.load(FREQS + cols.to(tl.int64) * stride_f, mask=cmask, other=0.0)
         w = 6.283185307179586 * f
     else:
-        x = tl.math.div_rn(-log_max_period * cols.to(tl.float32), half.to(tl.float32))
+        x = tl.math.div_rn(-log_max_period * cols.to(tl.float32), tl.cast(half, tl.float32))
         if PRECISE_EXP:
             w = libdevice.exp(x)
         else:

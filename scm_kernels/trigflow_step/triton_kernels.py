@@ -113,8 +113,8 @@ def _trigflow_step_fwd(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
-    k0 = k0_bits.to(tl.uint32, bitcast=True)
-    k1 = k1_bits.to(tl.uint32, bitcast=True)
+    k0 = tl.cast(k0_bits, tl.uint32, bitcast=True)  # tl.cast: an int argument equal to 1 is a Python int
+    k1 = tl.cast(k1_bits, tl.uint32, bitcast=True)
     for b in range(tl.program_id(1), B, tl.num_programs(1)):
         cx, cf, ce = _trig_coef(T, S, b, stride_t, stride_s, sigma_d, MODE != 0)
         b64 = tl.cast(b, tl.int64)
