@@ -92,6 +92,21 @@ def _run(name, device, xs):
     return tuple(None if x is None else x.to(device) for x in xs)
 
 
+def _kw_on(kw, device):
+    """kw with its attn_mask on `device` (the cases are drawn on the CPU, where the oracle runs)."""
+    m = kw["attn_mask"]
+    return kw if m is None else {**kw, "attn_mask": m.to(device)}
+
+
+@pytest.fixture(autouse=True)
+def _no_cuda_cpp_kernel(request):
+    """Attention has no CUDA C++ kernel (CUDA tensors run on the triton backend): the 'cuda' backend
+    params skip; test_errors checks that backend='cuda' says so."""
+    for fixture in ("backend", "kernel_backend"):
+        if fixture in request.fixturenames and request.getfixturevalue(fixture)[0] == "cuda":
+            pytest.skip("attention has no CUDA C++ kernel: CUDA tensors run on the triton backend")
+
+
 def _skip_unsupported(name, dtype):
     if name == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take fp32/fp16/bf16")
@@ -132,7 +147,7 @@ def test_reference_jvp_and_a27_formulas():
 # Forward, tangent, backward against the reference
 # ---------------------------------------------------------------------------------------------
 def check_forward(name, device, xs, kw, dtype):
-    out = scm_kernels.attention(*_run(name, device, xs), **kw, backend=name)
+    out = scm_kernels.attention(*_run(name, device, xs), **_kw_on(kw, device), backend=name)
     assert out.dtype == dtype and out.shape == xs[0].shape[:3] + (xs[2].shape[-1],)
     assert not torch.isnan(out).any()
     assert_rule(out.cpu(), _ref(reference.attention, xs, kw, torch.float64),
@@ -143,12 +158,12 @@ def check_jvp(name, device, xs, kw, ts, dtype):
     xs_d, ts_d = _run(name, device, xs), _run(name, device, ts)
     ref64 = _ref(lambda *a, **k: reference.attention_jvp(*a[:3], *a[3:], **k), xs + ts, kw, torch.float64)
     low = _ref(lambda *a, **k: reference.attention_jvp(*a[:3], *a[3:], **k), xs + ts, kw, dtype)
-    out, tan = scm_kernels.attention_jvp(*xs_d, *ts_d, **kw, backend=name)
+    out, tan = scm_kernels.attention_jvp(*xs_d, *ts_d, **_kw_on(kw, device), backend=name)
     assert not torch.isnan(tan).any()
     assert_rule(out.cpu(), ref64[0], low[0], dtype, "attention_jvp out")
     assert_rule(tan.cpu(), ref64[1], low[1], dtype, "attention_jvp tangent")
     if all(t is not None for t in ts):  # torch.func.jvp over the public function
-        f = lambda q, k, v: scm_kernels.attention(q, k, v, **kw, backend=name)  # noqa: E731
+        f = lambda q, k, v: scm_kernels.attention(q, k, v, **_kw_on(kw, device), backend=name)  # noqa: E731
         _, tan2 = torch.func.jvp(f, xs_d, ts_d)  # grad mode on: the differentiable (A27) route
         assert_rule(tan2.cpu(), ref64[1], low[1], dtype, "torch.func.jvp tangent")
         with torch.no_grad():  # as in sCM training: the tangent-only kernels from the saved lse
@@ -168,7 +183,8 @@ def _grads(fn, xs, gout):
 def check_backward(name, device, xs, kw, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed + 100)
     gout = torch.randn(xs[0].shape[:3] + (xs[2].shape[-1],), generator=gen, dtype=torch.float64).to(dtype)
-    got = _grads(lambda *a: scm_kernels.attention(*a, **kw, backend=name), _run(name, device, xs), (gout.to(device),))
+    got = _grads(lambda *a: scm_kernels.attention(*a, **_kw_on(kw, device), backend=name), _run(name, device, xs),
+                 (gout.to(device),))
     ref64 = _grads(lambda *a: reference.attention(*a, **_cast_kw(kw, torch.float64)),
                    [x.double() for x in xs], (gout.double(),))
     low = _grads(lambda *a: reference.attention(*a, **_cast_kw(kw, dtype)), list(xs), (gout,))
@@ -187,7 +203,8 @@ def check_jvp_backward(name, device, xs, kw, ts, dtype, gouts, seed=0):
     gen = torch.Generator().manual_seed(seed + 200)
     oshape = xs[0].shape[:3] + (xs[2].shape[-1],)
     g = [torch.randn(oshape, generator=gen, dtype=torch.float64).to(dtype) if want else None for want in gouts]
-    got = _grads(fn(dict(backend=name), kw), list(_run(name, device, xs + ts)), [x if x is None else x.to(device) for x in g])
+    got = _grads(fn(dict(backend=name), _kw_on(kw, device)), list(_run(name, device, xs + ts)),
+                 [x if x is None else x.to(device) for x in g])
     ref64 = _grads(fn(dict(backend="reference"), _cast_kw(kw, torch.float64)), [_cast(x, torch.float64) for x in xs + ts],
                    [_cast(x, torch.float64) for x in g])
     low = _grads(fn(dict(backend="reference"), _cast_kw(kw, dtype)), list(xs + ts), g)
@@ -275,8 +292,15 @@ def test_awkward_cases(kernel_backend, case, dtype):
         pytest.skip("the interpreter is slow: each case in one dtype there (cycled); every dtype on a GPU")
     xs, kw, ts = make_case(**AWKWARD[case], dtype=dtype, seed=len(case))
     check_forward(name, device, xs, kw, dtype)
-    check_jvp(name, device, xs, kw, ts, dtype)
     check_backward(name, device, xs, kw, dtype)
+    if (name == "triton" and device != "cpu" and dtype == torch.float32 and AWKWARD[case]["D"] > 128
+            and torch.get_float32_matmul_precision() == "highest"):
+        # A documented limit: the tangent kernels at 3xTF32 ("ieee") have no spill-free tile for
+        # 256-wide heads on sm_80/sm_90. They say so rather than run slowly or silently in tf32.
+        with pytest.raises(NotImplementedError, match=r"precision='ieee' .* supports head dims up to 128"):
+            scm_kernels.attention_jvp(*_run(name, device, xs), *_run(name, device, ts), **kw, backend=name)
+        return
+    check_jvp(name, device, xs, kw, ts, dtype)
     check_jvp_backward(name, device, xs, kw, ts, dtype, (1, 1))
 
 
@@ -321,10 +345,11 @@ def test_fully_masked_rows_are_zero(kernel_backend):
         m = kw["attn_mask"]
         m[..., 2, :] = False if kind == "bool" else float("-inf")
         xs_d = _run(name, device, xs)
-        out, tan = scm_kernels.attention_jvp(*xs_d, *_run(name, device, ts), **kw, backend=name)
+        kwd = _kw_on(kw, device)
+        out, tan = scm_kernels.attention_jvp(*xs_d, *_run(name, device, ts), **kwd, backend=name)
         assert (out[:, :, 2] == 0).all() and (tan[:, :, 2] == 0).all()
         assert torch.isfinite(out).all() and torch.isfinite(tan).all()
-        g = _grads(lambda *a: scm_kernels.attention(*a, **kw, backend=name), xs_d, (torch.ones_like(out),))
+        g = _grads(lambda *a: scm_kernels.attention(*a, **kwd, backend=name), xs_d, (torch.ones_like(out),))
         assert all(torch.isfinite(x).all() for x in g)
         assert (g[0][:, :, 2] == 0).all()
 
@@ -356,7 +381,7 @@ def test_jvp_finite_differences(backend):
     name, device = _f64_backends(backend)
     xs, kw, ts = make_case(B=1, Hq=4, Hkv=2, Nq=6, Nk=7, D=5, Dv=3, mask="bool", is_causal=True,
                            dtype=torch.float64, seed=9)
-    f = lambda *a: scm_kernels.attention(*a, **kw, backend=name)  # noqa: E731
+    f = lambda *a: scm_kernels.attention(*a, **_kw_on(kw, device), backend=name)  # noqa: E731
     _, tan = torch.func.jvp(f, xs, ts)
     h = 1e-6
     fd = (f(*(x + h * t for x, t in zip(xs, ts))) - f(*(x - h * t for x, t in zip(xs, ts)))) / (2 * h)
@@ -390,7 +415,7 @@ def test_raw_ops_statistics(kernel_backend, mask):
     ops, extra = _raw(name)
     B, H, Nq, _ = xs[0].shape
     m = kw["attn_mask"]
-    mk = None if m is None else m.expand(B, H, Nq, 13)
+    mk = None if m is None else m.to(device).expand(B, H, Nq, 13)
     scale = 1 / math.sqrt(6)
     out, lse = ops.attention_fwd(*_run(name, device, xs), mk, True, scale, *extra)
     assert out.transpose(1, 2).is_contiguous()
@@ -416,9 +441,9 @@ def test_deterministic(kernel_backend):
 
     def once():
         a = [x.detach().requires_grad_() for x in xs_d + ts_d]
-        o, t = scm_kernels.attention_jvp(*a[:3], *a[3:], **kw, backend=name)
+        o, t = scm_kernels.attention_jvp(*a[:3], *a[3:], **_kw_on(kw, device), backend=name)
         g = torch.autograd.grad((o * 0.3 + t * 0.7).sum(), a)
-        o2 = scm_kernels.attention(*a[:3], **kw, backend=name)
+        o2 = scm_kernels.attention(*a[:3], **_kw_on(kw, device), backend=name)
         g2 = torch.autograd.grad(o2.sum(), a[:3])
         return (o, t, *g, o2, *g2)
 
@@ -450,7 +475,7 @@ def test_grad_after_jvp_pass_equals_plain_grad(kernel_backend):
     name, device = kernel_backend
     xs, kw, ts = make_case(B=1, Hq=2, Nq=12, Nk=15, D=8, seed=13)
     xs_d, ts_d = _run(name, device, xs), _run(name, device, ts)
-    f = lambda *a: scm_kernels.attention(*a, **kw, backend=name)  # noqa: E731
+    f = lambda *a: scm_kernels.attention(*a, **_kw_on(kw, device), backend=name)  # noqa: E731
     a = [x.detach().requires_grad_() for x in xs_d]
     g0 = torch.autograd.grad(f(*a).square().sum(), a)
     with torch.no_grad():
@@ -471,7 +496,7 @@ def test_loss_on_jvp_tangent_differentiates(backend):
     def grads(backend_name, dtype):
         W = W0.to(dtype).to(device).requires_grad_()
         q, k, v = (x.to(dtype).to(device) for x in xs)
-        f = lambda q, k: scm_kernels.attention(q @ W, k, v, **kw, backend=backend_name)  # noqa: E731
+        f = lambda q, k: scm_kernels.attention(q @ W, k, v, **_kw_on(kw, device), backend=backend_name)  # noqa: E731
         _, tan = torch.func.jvp(f, (q, k), (ts[0].to(dtype).to(device), ts[1].to(dtype).to(device)))
         return torch.autograd.grad(tan.square().sum(), W)[0].cpu()
 
@@ -542,6 +567,9 @@ def test_errors():
         (lambda: scm_kernels.attention_jvp(q, k, v, None, None, "v"), TypeError, "value_tangent must be a torch.Tensor"),
     ]
     cases.append((lambda: A(q, k.to("meta"), v), ValueError, "key is on meta but query is on cpu"))
+    if torch.cuda.is_available() and _backend.extension_has_cuda():
+        qc = q.cuda()
+        cases.append((lambda: A(qc, qc, qc, backend="cuda"), ValueError, "there is no CUDA C++ attention kernel"))
     for fn, exc, msg in cases:
         with pytest.raises(exc) as info:
             fn()

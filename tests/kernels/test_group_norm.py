@@ -218,12 +218,13 @@ def test_reference_backend(backend):
 
 @pytest.fixture
 def split_groups(monkeypatch):
-    """Makes the Triton launcher split every group over several programs (as on a GPU at batch 1)."""
-    if _interp:
-        from scm_kernels.group_norm import triton_kernels
+    """Makes the Triton launcher split every group over several programs (as on a GPU at batch 1,
+    here also for small groups)."""
+    from scm_kernels.group_norm import triton_kernels
 
+    monkeypatch.setattr(triton_kernels, "MIN_PER_PROGRAM", 1)
+    if _interp:
         monkeypatch.setattr(triton_kernels, "INTERPRETER_TARGET_PROGRAMS", 64)
-        monkeypatch.setattr(triton_kernels, "MIN_PER_PROGRAM", 1)
 
 
 @pytest.mark.parametrize("layout", ["contig", "channels_last"])

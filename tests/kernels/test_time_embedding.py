@@ -91,6 +91,11 @@ def test_forward_matches_reference(backend, B, dim, kind, dtype, layout, time_sc
     kw = dict(kind=kind, time_scale=time_scale, max_period=max_period)
     if kind == "fourier":
         kw["freqs"] = _make_freqs(dim // 2, fdtype, device, gen, strided=fstrided)
+    elif layout == "number" and device != "cpu":
+        # a Python number without freqs has no device but the CPU, where the GPU backends refuse it
+        with pytest.raises(ValueError, match=r"needs CUDA tensors"):
+            _emb(t, dim, name, **kw)
+        return
     _check_forward(name, device, t, dim, kw)
 
 
@@ -422,8 +427,12 @@ def test_errors(backend):
         (dict(kind="fourier", freqs=torch.rand(3, device="meta")), ValueError, r"freqs is on meta but t is on"),
         (dict(freqs=freqs), ValueError, r"freqs must be None when kind='positional'"),
         (dict(backend="tpu"), ValueError, r"backend: expected one of"),
-        (dict(backend="cuda"), ValueError, r"backend 'cuda' needs CUDA tensors"),
     ]
+    if str(device) == "cpu":
+        cases.append((dict(backend="cuda"), ValueError, r"backend 'cuda' needs CUDA tensors"))
+    elif not _backend.extension_has_cuda():
+        cases.append((dict(backend="cuda"), ValueError, r"backend 'cuda' requested but scm_kernels._C was built "
+                      "without CUDA kernels"))
     for over, exc, match in cases:
         kw = dict(t=t, dim=7, backend=name)
         kw.update(over)

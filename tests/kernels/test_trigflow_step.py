@@ -20,6 +20,9 @@ from scm_kernels.trigflow_step import trigflow_step
 from scm_kernels.trigflow_step.function import philox_rows
 from tests.conftest import DTYPES, FD_TOL, assert_rule, max_err
 
+# Inputs drawn without a device land on the backend's device (generators: torch.get_default_device()).
+pytestmark = pytest.mark.usefixtures("on_backend_device")
+
 SIG = 0.5
 SHAPES = [(1,), (7,), (97,), (3, 5, 7), (1000,), (2, 3, 4, 5)]
 
@@ -70,7 +73,7 @@ def _pixel_check(out: torch.Tensor, x0_64: torch.Tensor) -> None:
        per_sample=st.booleans(), seed=st.integers(0, 2**63 - 1))
 def test_forward_matches_reference(backend, B, shape, xd, fd, nd, mode, layout, per_sample, seed):
     name, device = backend
-    gen = torch.Generator().manual_seed(B * 1000 + len(shape))
+    gen = torch.Generator(torch.get_default_device()).manual_seed(B * 1000 + len(shape))
     x, F, n = _inputs(B, shape, xd, fd, nd, gen, layout)
     t = _times(B, gen) if per_sample else 0.9
     s = _times(B, gen, 0.1, 1.2) if per_sample else 1.1
@@ -102,7 +105,7 @@ def test_forward_matches_reference(backend, B, shape, xd, fd, nd, mode, layout, 
 def test_layout_kept_without_copies(kernel_backend, layout):
     """The output has x_t's inner layout (channels_last stays channels_last)."""
     name, _ = kernel_backend
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
     x, F, n = _inputs(3, (4, 5, 6), torch.float32, torch.float32, torch.float32, gen, layout)
     out = trigflow_step(x, F, 0.7, SIG, t_next=0.3, noise=n, backend=name)
     if layout == "channels_last":
@@ -117,7 +120,7 @@ def test_float64_inputs(backend):
     name, _ = backend
     if name == "triton":
         pytest.skip("triton takes float32/float16/bfloat16 (float64 raises, see test_bad_inputs)")
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
     x, F, n = _inputs(3, (9,), torch.float64, torch.float64, torch.float64, gen)
     out = trigflow_step(x, F, 0.4, SIG, t_next=0.2, noise=n, backend=name)
     ref = R.trigflow_step(x, F, 0.4, SIG, t_next=0.2, noise=n)
@@ -141,7 +144,7 @@ def test_uint8_rounding_ties(backend):
 
 def test_deterministic(kernel_backend):
     name, _ = kernel_backend
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(2)
     x, F, _ = _inputs(3, (301,), torch.float16, torch.float32, torch.float32, gen)
     a = trigflow_step(x, F, 1.0, SIG, t_next=0.5, seed=123, backend=name)
     b = trigflow_step(x, F, 1.0, SIG, t_next=0.5, seed=123, backend=name)
@@ -251,7 +254,7 @@ def _call(fn, mode, x, F, t, s, n, seed=11, **kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_reference_autograd(backend, mode, dtype):
     name, _ = backend
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
     x, F, n = _inputs(3, (2, 3, 7), dtype, torch.float32, dtype, gen, "channels_last")
     t, s = _times(3, gen), _times(3, gen)
     leaves = [v.detach().clone().requires_grad_() for v in (x, F, t, s, n)]
@@ -280,7 +283,7 @@ def test_gradcheck(backend, mode):
     name, _ = backend
     if name == "triton":
         pytest.skip("triton takes no float64; its backward is checked against autograd above")
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(4)
     x, F, n = _inputs(2, (3, 2), torch.float64, torch.float64, torch.float64, gen)
     t, s = _times(2, gen).double(), _times(2, gen).double()
     ins = [v.requires_grad_() for v in (x, F, t, s, n)]
@@ -321,7 +324,7 @@ def test_jvp_matches_reference_and_finite_differences(backend, mode, which):
         pytest.skip("no t_next / noise input without renoise")
     if mode == "seed" and which == "n":
         pytest.skip("no noise input with a seed")
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
     x, F, n = _inputs(3, (2, 4, 3), torch.float32, torch.float32, torch.float32, gen, "channels_last")
     t, s = _times(3, gen), _times(3, gen)
     prim = [x, F, t, s, n]
@@ -355,7 +358,7 @@ def test_jvp_float64_finite_difference_of_the_kernel(backend):
     name, _ = backend
     if name == "triton":
         pytest.skip("triton takes no float64")
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(6)
     x, F, n = _inputs(2, (5,), torch.float64, torch.float64, torch.float64, gen)
     t, s = _times(2, gen).double(), _times(2, gen).double()
     prim = (x, F, t, s, n)
@@ -373,7 +376,7 @@ def test_jvp_float64_finite_difference_of_the_kernel(backend):
 def test_jvp_inside_a_larger_function_and_higher_order(backend):
     """The op deep inside a JVP'ed function, and forward-over-reverse (jvp of grad)."""
     name, _ = backend
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(7)
     x = torch.randn(2, 3, 4, generator=gen)
     t = _times(2, gen)
     v = torch.randn(x.shape, generator=gen)
