@@ -21,6 +21,8 @@ view, bool or additive float, and has no derivative.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from scm_kernels import backend
@@ -36,10 +38,19 @@ def inner(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.contiguous()
 
 
-def _triton():
-    from scm_kernels.attention import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
+_TRITON = None
 
-    return torch.ops.scm_triton
+
+def _triton():
+    """The Triton launchers (torch.ops.scm_triton.attention_*; direct calls in plain eager mode)."""
+    global _TRITON
+    if _TRITON is None:
+        from scm_kernels._launch import eager_fast
+        from scm_kernels.attention import triton_kernels as tk  # registers torch.ops.scm_triton.*
+
+        names = ("attention_fwd", "attention_bwd", "attention_jvp", "attention_jvp_bwd")
+        _TRITON = types.SimpleNamespace(**{n: eager_fast(getattr(tk, n)) for n in names})
+    return _TRITON
 
 
 # backend name -> launcher(*schema args, precision); the C++ ops dispatch on the tensors' device.

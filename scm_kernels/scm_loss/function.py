@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import _layout, backend
+from scm_kernels._launch import eager_fast
 from scm_kernels.scm_loss import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
 
 
@@ -32,18 +33,21 @@ def _ops(name: str):
 
 
 # backend name -> launcher; the C++/CUDA ops dispatch on the tensors' device.
+_T_FWD = eager_fast(triton_kernels.scm_loss_fwd)
+_T_BWD = eager_fast(triton_kernels.scm_loss_bwd)
+_T_JVP = eager_fast(triton_kernels.scm_loss_jvp)
 LAUNCH = {
-    "triton": lambda *a: torch.ops.scm_triton.scm_loss(*a),
+    "triton": _T_FWD,
     "cpu": lambda *a: _ops("scm_loss")(*a),
     "cuda": lambda *a: _ops("scm_loss")(*a),
 }
 BACKWARD = {
-    "triton": lambda *a: torch.ops.scm_triton.scm_loss_backward(*a),
+    "triton": _T_BWD,
     "cpu": lambda *a: _ops("scm_loss_backward")(*a),
     "cuda": lambda *a: _ops("scm_loss_backward")(*a),
 }
 JVP = {
-    "triton": lambda *a: torch.ops.scm_triton.scm_loss_jvp(*a),
+    "triton": _T_JVP,
     "cpu": lambda *a: _ops("scm_loss_jvp")(*a),
     "cuda": lambda *a: _ops("scm_loss_jvp")(*a),
 }
