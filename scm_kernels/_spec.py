@@ -20,6 +20,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     expects_mma: bool = False  # True for kernels that must use tensor cores (tl.dot)
+    archs: tuple | None = None  # the architectures (80, 90) whose launches use this config; None: all
 
     @property
     def kernel_name(self) -> str:
@@ -34,5 +35,6 @@ class KernelSpec:
 
 
 def spec(op: str, fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 2,
-         expects_mma: bool = False) -> KernelSpec:
-    return KernelSpec(op, fn, dict(signature), dict(constexprs), num_warps, num_stages, expects_mma)
+         expects_mma: bool = False, archs=None) -> KernelSpec:
+    return KernelSpec(op, fn, dict(signature), dict(constexprs), num_warps, num_stages, expects_mma,
+                      None if archs is None else tuple(int(a) for a in archs))

@@ -584,7 +584,8 @@ def run(specs=(), archs=ARCHS, *, cu_files=(), jobs: int | None = None, cache_di
             continue
         _TASK_SPECS.append(s)
         for a in archs:
-            tasks.append((_triton_task, (len(_TASK_SPECS) - 1, a, cache_dir)))
+            if s.archs is None or a in s.archs:  # a config that only one architecture launches
+                tasks.append((_triton_task, (len(_TASK_SPECS) - 1, a, cache_dir)))
     if tasks and any(t[0] is _triton_task for t in tasks):
         import triton  # noqa: F401  (imported once here, inherited by the forked workers)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))

@@ -419,6 +419,12 @@ _CFG = {
     # no fp32-accurate (3xTF32) JVP at d > 128: every tile tried spills (see _config)
     ("jvp", "ieee"): {32: (16, 32, 4, 2, 0), 64: (16, 32, 4, 2, 0), 128: (16, 16, 8, 2, 0)},
 }
+# Hopper (sm_90) entries where a larger tile runs faster than the shared table's and does not spill there
+# (it does on sm_80). Measured on an H100 with benchmarks.tune_attention (bf16, B=2, H=16, N=4096):
+# JVP d=64 (128, 64, 8, 3) 1.88 ms = 183 TFLOP/s vs (128, 32, 8, 2) 2.15 ms = 160.
+_CFG_SM90 = {
+    ("jvp", "lowp"): {64: (128, 64, 8, 3, 0)},
+}
 # Masked kernels (the mask tile is pipelined through shared memory too) where the entry above does not fit.
 _CFG_MASKED = {
     ("fwd", "lowp"): {128: (128, 64, 8, 2, 0)},
@@ -453,22 +459,41 @@ def head_dim_bucket(D: int, Dv: int) -> int:
     raise ValueError(f"attention: head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}")
 
 
-def _config(kernel: str, cls: str, block_d: int, masked: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, D_CHUNK) of one launch."""
-    table = _CFG[(kernel, cls)]
-    if block_d not in table:
+def _table_config(kernel: str, cls: str, block_d: int, masked: bool, arch: int) -> tuple[int, int, int, int, int]:
+    """The GPU tables' entry for sm_`arch` (KeyError where the tables have none)."""
+    own = _CFG_SM90.get((kernel, cls), {}) if arch >= 90 else {}
+    if block_d in own:
+        return own[block_d]
+    cfg = _CFG[(kernel, cls)][block_d]
+    return _CFG_MASKED.get((kernel, cls), {}).get(block_d, cfg) if masked else cfg
+
+
+def _config(kernel: str, cls: str, block_d: int, masked: bool, arch: int = 80) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, D_CHUNK) of one launch on sm_`arch`."""
+    if block_d not in _CFG[(kernel, cls)]:
         if not triton_interpret():
             raise NotImplementedError(
                 f"attention_jvp: float32 with precision='ieee' (3xTF32 dots) supports head dims up to "
-                f"{max(table)} on the GPU, got {block_d}-wide heads; use precision='tf32', or "
+                f"{max(_CFG[(kernel, cls)])} on the GPU, got {block_d}-wide heads; use precision='tf32', or "
                 "float16/bfloat16")
-        table = _CFG[(kernel, "tf32")]  # the interpreter is exact whatever the precision
-    cfg = table[block_d]
-    if masked:
-        cfg = _CFG_MASKED.get((kernel, cls), {}).get(block_d, cfg)
+        cls = "tf32"  # the interpreter is exact whatever the precision
     if triton_interpret():
-        return (*_INTERP_TILE, min(cfg[4], 16))
-    return cfg
+        return (*_INTERP_TILE, min(_table_config(kernel, cls, block_d, masked, 80)[4], 16))
+    return _table_config(kernel, cls, block_d, masked, arch)
+
+
+_ARCH: dict = {}
+
+
+def _arch(device: torch.device) -> int:
+    """10 * major + minor compute capability of a CUDA device (cached); 80 elsewhere."""
+    if device.type != "cuda":
+        return 80
+    a = _ARCH.get(device.index)
+    if a is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        a = _ARCH[device.index] = 10 * major + minor
+    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +576,7 @@ def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, tangents, mask, is_causal
     mask = _additive_mask(mask)
     mask_arg = mask if mask is not None else lse
     ms = tuple(mask.stride()) if mask is not None else (0, 0, 0, 0)
-    BLOCK_M, BLOCK_N, warps, stages, chunk = _config(kernel, cls, block_d, mask is not None)
+    BLOCK_M, BLOCK_N, warps, stages, chunk = _config(kernel, cls, block_d, mask is not None, _arch(q.device))
     n_m = triton.cdiv(Nq, BLOCK_M)
     common = dict(HAS_MASK=mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
                   BLOCK_DV=block_d, D_CHUNK=chunk, DOT_PREC=DOT_INPUT_PRECISION[cls],
@@ -639,18 +664,20 @@ def _aot_specs() -> list:
             kernel = "fwd" if tangents is None else "jvp"
             if block_d not in _CFG[(kernel, cls)]:
                 continue
-            cfg = _CFG[(kernel, cls)][block_d]
-            if masked:
-                cfg = _CFG_MASKED.get((kernel, cls), {}).get(block_d, cfg)
-            BLOCK_M, BLOCK_N, warps, stages, chunk = cfg
-            const = dict(HAS_MASK=masked, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_d,
-                         D_CHUNK=chunk, DOT_PREC=DOT_INPUT_PRECISION[cls], UPCAST=False)
-            fn = _attn_fwd_kernel
-            if tangents is not None:
-                const.update(HAS_TQ=tangents[0], HAS_TK=tangents[1], HAS_TV=tangents[2])
-                fn = _attn_jvp_kernel
-            specs.append(spec("attention", fn, _signature(kernel, _TT[dtype]), const,
-                              num_warps=warps, num_stages=stages, expects_mma=True))
+            base = _table_config(kernel, cls, block_d, masked, 80)
+            sm90 = {_table_config(kernel, cls, block_d, masked, 90)} - {base}
+            # the shared entry (sm_80 only where Hopper has its own), then Hopper's own
+            for cfg, archs in [(base, (80,) if sm90 else None),
+                               *[(c, (90,)) for c in sm90]]:
+                BLOCK_M, BLOCK_N, warps, stages, chunk = cfg
+                const = dict(HAS_MASK=masked, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_d,
+                             D_CHUNK=chunk, DOT_PREC=DOT_INPUT_PRECISION[cls], UPCAST=False)
+                fn = _attn_fwd_kernel
+                if tangents is not None:
+                    const.update(HAS_TQ=tangents[0], HAS_TK=tangents[1], HAS_TV=tangents[2])
+                    fn = _attn_jvp_kernel
+                specs.append(spec("attention", fn, _signature(kernel, _TT[dtype]), const,
+                                  num_warps=warps, num_stages=stages, expects_mma=True, archs=archs))
     return specs
 
 
