@@ -116,6 +116,6 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             baselines={"sdpa-math": Baseline(_sdpa_math),
                        "scm-attention_jvp": Baseline(None, modes=("jvp",), jvp=_scm_jvp, backend="auto")},
             # the math path takes seconds per call at N=4096 on a CPU
-            max_repeats=5 if device.type == "cpu" and N >= 4096 else None,
+            max_repeats=9 if device.type == "cpu" and N >= 4096 else None,
         ))
     return out

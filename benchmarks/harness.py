@@ -345,8 +345,8 @@ def time_cpu_many(
 ) -> dict[str, Timing | Exception]:
     """CPU timer for several callables measured against each other: each gets `warmup` untimed calls
     and its own calls-per-repeat (>= min_repeat_ms per repeat); then the repeats are INTERLEAVED
-    (round r times every callable once), so that load from other processes drifting during the run
-    hits every provider alike and the ratios of one run stay fair. Per-call ms of each repeat ->
+    (round r times every callable once, the order rotated by one each round), so that load from other
+    processes drifting during the run hits every provider alike and the ratios of one run stay fair. Per-call ms of each repeat ->
     median (p50), p20, p80. A callable that raises gets its exception instead of a Timing."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -360,9 +360,12 @@ def time_cpu_many(
         except Exception as e:  # noqa: BLE001 - reported by the caller
             result[name] = e
     samples: dict[str, list[float]] = {name: [] for name in iters}
-    for _ in range(repeats):
-        for name, n in iters.items():
-            fn = fns[name]
+    names = list(iters)
+    for r in range(repeats):
+        # rotating order: no provider always runs right after the same one (a provider that churns
+        # gigabytes of memory slows whichever call follows it; that cost is spread over all of them)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], iters[name]
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
