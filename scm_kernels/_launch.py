@@ -36,11 +36,11 @@ def eager_fast(op) -> Callable:
     """The Triton launcher under a `torch.library.custom_op`, called directly in plain eager mode.
 
     The custom op is what torch.compile traces (through its fake implementation) and what dispatch
-    modes see; in plain eager mode its Python dispatch costs far more host time than the launch itself
-    (measured on an H100 host: about 0.2 ms per call, against a 7 us GroupNorm kernel). Our autograd
-    Functions already give the derivatives, so eager calls go straight to the function the custom op
-    wraps, and every other call through the op. Falls back to the op where torch keeps no reference to
-    that function."""
+    modes see; in plain eager mode its Python dispatch is host time on top of the launch (measured on
+    an H100 host: a time_embedding call went from 0.196 to 0.134 ms with this bypass, for a 2.6 us
+    kernel). Our autograd Functions already give the derivatives, so eager calls go straight to the
+    function the custom op wraps, and every other call through the op. Falls back to the op where
+    torch keeps no reference to that function."""
     raw = getattr(op, "_init_fn", None)
     if raw is None:
         return op
