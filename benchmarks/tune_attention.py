@@ -2,6 +2,7 @@
 
     python -m benchmarks.tune_attention                         # fwd and jvp, bf16, d = 64 and 128
     python -m benchmarks.tune_attention --kernels fwd --dims 64 --dtype fp16 --seq 8192
+    python -m benchmarks.tune_attention --kernels bwd,jvp_bwd --dims 64     # backward tiles (not yet run on a GPU)
 
 For each (kernel, head-dim bucket) it times every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a
 grid through the public functions (`attention` for fwd, `attention_jvp` for jvp), with the table
@@ -67,9 +68,59 @@ def sweep(kernel: str, block_d: int, dtype: torch.dtype, B: int, H: int, N: int,
     return rows
 
 
+def sweep_bwd(jvp: bool, block_d: int, dtype: torch.dtype, B: int, H: int, N: int, grid,
+              device: str = "cuda") -> list:
+    """The backward tiles of `triton_bwd.GPU_CONFIGS` ((A26) with jvp=False, (A27) with jvp=True): each
+    (BLOCK_M, BLOCK_N, warps, stages) of the grid as the dk/dv tile (dq tile as shipped), then as the
+    dq tile (dk/dv as shipped), each with SPLIT as shipped. Rows: (("dkdv" | "dq", tile), ms, TFLOP/s,
+    note). Written after the H100 session of 2026-11-22: not yet run on a GPU."""
+    import scm_kernels
+    from scm_kernels.attention import triton_bwd
+
+    if dtype == torch.float32:
+        raise SystemExit("--kernels bwd/jvp_bwd: fp16 or bf16 (the fp32 tables are keyed by precision)")
+    D = block_d
+    g = torch.Generator(device=device).manual_seed(0)
+    leaves = [torch.randn(B, H, N, D, device=device, generator=g, dtype=dtype).requires_grad_()
+              for _ in range(6 if jvp else 3)]
+    if jvp:
+        outs = scm_kernels.attention_jvp(*leaves, backend="triton")
+    else:
+        outs = (scm_kernels.attention(*leaves, backend="triton"),)
+    gouts = [torch.randn_like(o) for o in outs]
+    key = (block_d, jvp, False, False)
+    shipped = triton_bwd.GPU_CONFIGS[key]
+    if shipped is None:
+        raise SystemExit(f"no shipped backward tiles for d={block_d} (jvp={jvp}): it runs blockwise")
+
+    def call():
+        return torch.autograd.grad(outs, leaves, gouts, retain_graph=True)
+
+    want = [x.float() for x in call()]
+    flops = (10 if not jvp else 25) * B * H * N * N * D  # A26: 5 products; A27: ~12.5 (a rough count)
+    rows = []
+    for which, i in (("dkdv", 0), ("dq", 1)):
+        for tile in [shipped[i]] + [t for t in grid if t != shipped[i]]:
+            cfg = list(shipped)
+            cfg[i] = tile
+            triton_bwd.GPU_CONFIGS[key] = tuple(cfg)
+            try:
+                got = call()
+                ok = all(float((a.float() - b).abs().max()) <= 2e-2 * max(1.0, float(b.abs().max()))
+                         for a, b in zip(got, want))
+                ms = _time(call)
+                rows.append(((which, tile), ms, flops / ms / 1e9, "" if ok else "WRONG RESULT"))
+            except Exception as e:  # out of resources and the like
+                note = type(e).__name__ + ": " + str(e).splitlines()[0][:60]
+                rows.append(((which, tile), math.nan, math.nan, note))
+            finally:
+                triton_bwd.GPU_CONFIGS[key] = shipped
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune_attention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="fwd,jvp")
+    p.add_argument("--kernels", default="fwd,jvp", help="comma-separated: fwd, jvp, bwd, jvp_bwd")
     p.add_argument("--dims", default="64,128")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--batch", type=int, default=2)
@@ -92,6 +143,15 @@ def main(argv=None) -> int:
         sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
         print(f"\nd={d}: torch SDPA fwd {sdpa:.4f} ms = {4 * a.batch * a.heads * a.seq ** 2 * d / sdpa / 1e9:.1f} TFLOP/s")
         for kernel in a.kernels.split(","):
+            if kernel in ("bwd", "jvp_bwd"):
+                bgrid = [g[:4] for g in grid]
+                rows = sweep_bwd(kernel == "jvp_bwd", d, dtype, a.batch, a.heads, a.seq, bgrid)
+                print(f"  {kernel}  (which tile, (BLOCK_M, BLOCK_N, warps, stages))  ms   TFLOP/s")
+                firsts = {r[0][0]: r[0] for r in reversed(rows)}  # the shipped tile leads each part
+                for cfg, ms, tf, note in sorted(rows, key=lambda r: (r[0][0], math.isnan(r[1]), r[1])):
+                    mark = "*" if firsts.get(cfg[0]) == cfg else " "
+                    print(f"  {mark} {str(cfg):46s} {ms:9.4f} {tf:8.1f}  {note}")
+                continue
             rows = sweep(kernel, d, dtype, a.batch, a.heads, a.seq, grid)
             print(f"  {kernel}  (BLOCK_M, BLOCK_N, warps, stages, D_CHUNK)        ms   TFLOP/s")
             shipped = rows[0][0] if rows else None
