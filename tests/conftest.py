@@ -99,17 +99,25 @@ def kernel_backend(request):
     return request.param
 
 
+def backend_param(request):
+    """(backend name, device) of the test's `backend` or `kernel_backend` fixture, None without one."""
+    for fixture in ("backend", "kernel_backend"):
+        if fixture in request.fixturenames:
+            return request.getfixturevalue(fixture)
+    return None
+
+
 @pytest.fixture
 def on_backend_device(request):
     """Tensors that a test creates without naming a device land on its backend's device (a
     `torch.device` context), so that one test body runs on the CPU and on CUDA. For modules whose
     tests draw inputs with the default generator: `pytestmark = pytest.mark.usefixtures(...)`."""
-    for fixture in ("backend", "kernel_backend"):
-        if fixture in request.fixturenames:
-            with torch.device(request.getfixturevalue(fixture)[1]):
-                yield
-            return
-    yield
+    param = backend_param(request)
+    if param is None:
+        yield
+        return
+    with torch.device(param[1]):
+        yield
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

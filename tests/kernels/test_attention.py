@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import scm_kernels
 from scm_kernels import backend as _backend
 from scm_kernels.attention import reference
-from tests.conftest import DTYPES, FD_TOL, assert_rule, max_err
+from tests.conftest import DTYPES, FD_TOL, assert_rule, backend_param, max_err
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
@@ -102,9 +102,9 @@ def _kw_on(kw, device):
 def _no_cuda_cpp_kernel(request):
     """Attention has no CUDA C++ kernel (CUDA tensors run on the triton backend): the 'cuda' backend
     params skip; test_errors checks that backend='cuda' says so."""
-    for fixture in ("backend", "kernel_backend"):
-        if fixture in request.fixturenames and request.getfixturevalue(fixture)[0] == "cuda":
-            pytest.skip("attention has no CUDA C++ kernel: CUDA tensors run on the triton backend")
+    param = backend_param(request)
+    if param is not None and param[0] == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel: CUDA tensors run on the triton backend")
 
 
 def _skip_unsupported(name, dtype):
