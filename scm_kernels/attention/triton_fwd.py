@@ -102,8 +102,13 @@ def _block_base(P, row0, stride_n):
 
 @triton.jit
 def _row_offsets(rows, stride):
-    """(R, 1) element offsets rows·stride (int64 rows give int64), multiples of 8 (stride % 8 == 0)."""
-    return tl.multiple_of(rows[:, None] * stride, [8, 1])
+    """(R, 1) element offsets rows·stride (int64 rows give int64), multiples of 8 (stride % 8 == 0).
+
+    Triton's divisibility hint is per dimension (of the first element of each contiguous run along
+    it): a row offset is a multiple of 8 along both. Telling it [8, 1] made every load of a tile
+    whose columns run from such an offset look unaligned: no 16-byte vectors, so no cp.async, and
+    the forward ran at half speed on an H100 (213 vs 415+ TFLOP/s, bf16 d=64)."""
+    return tl.multiple_of(rows[:, None] * stride, [8, 8])
 
 
 @triton.jit
@@ -420,10 +425,12 @@ _CFG = {
     ("jvp", "ieee"): {32: (16, 32, 4, 2, 0), 64: (16, 32, 4, 2, 0), 128: (16, 16, 8, 2, 0)},
 }
 # Hopper (sm_90) entries where a larger tile runs faster than the shared table's and does not spill there
-# (it does on sm_80). Measured on an H100 with benchmarks.tune_attention (bf16, B=2, H=16, N=4096):
-# JVP d=64 (128, 64, 8, 3) 1.88 ms = 183 TFLOP/s vs (128, 32, 8, 2) 2.15 ms = 160.
+# (it does on sm_80). Measured on an H100 with benchmarks.tune_attention (bf16, B=2, H=16, N=4096,
+# after the alignment fix of _row_offsets): JVP d=64 (128, 64, 8, 3) 0.944 ms, level with the
+# shared (128, 32, 8, 2) (0.945); JVP d=128 (128, 32, 8, 3) 1.91 ms = 359 TFLOP/s (10 flops per
+# query, key, dim) vs (64, 32, 8, 2) 6.64 ms = 104.
 _CFG_SM90 = {
-    ("jvp", "lowp"): {64: (128, 64, 8, 3, 0)},
+    ("jvp", "lowp"): {64: (128, 64, 8, 3, 0), 128: (128, 32, 8, 3, 0)},
 }
 # Masked kernels (the mask tile is pipelined through shared memory too) where the entry above does not fit.
 _CFG_MASKED = {
@@ -460,12 +467,15 @@ def head_dim_bucket(D: int, Dv: int) -> int:
 
 
 def _table_config(kernel: str, cls: str, block_d: int, masked: bool, arch: int) -> tuple[int, int, int, int, int]:
-    """The GPU tables' entry for sm_`arch` (KeyError where the tables have none)."""
+    """The GPU tables' entry for sm_`arch` (KeyError where the tables have none): a masked kernel's
+    own entry first, then Hopper's, then the shared one."""
+    masked_cfg = _CFG_MASKED.get((kernel, cls), {}).get(block_d) if masked else None
+    if masked_cfg is not None:
+        return masked_cfg
     own = _CFG_SM90.get((kernel, cls), {}) if arch >= 90 else {}
     if block_d in own:
         return own[block_d]
-    cfg = _CFG[(kernel, cls)][block_d]
-    return _CFG_MASKED.get((kernel, cls), {}).get(block_d, cfg) if masked else cfg
+    return _CFG[(kernel, cls)][block_d]
 
 
 def _config(kernel: str, cls: str, block_d: int, masked: bool, arch: int = 80) -> tuple[int, int, int, int, int]:
