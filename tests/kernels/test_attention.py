@@ -224,7 +224,7 @@ def cases(draw):
         D=D, Dv=draw(st.sampled_from([D, D, 5, 24])), layout=draw(st.sampled_from(["contig", "bnhd", "slice"])),
         mask=draw(st.sampled_from([None, None, "bool", "additive"])),
         broadcast=draw(st.sampled_from(["full", "keys", "2d", "heads"])), is_causal=draw(st.booleans()),
-        scale=draw(st.sampled_from([None, None, 0.3])), dtype=draw(st.sampled_from(DTYPES)),
+        scale=draw(st.sampled_from([None, None, 0.3, -0.4])), dtype=draw(st.sampled_from(DTYPES)),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -302,6 +302,19 @@ def test_awkward_cases(kernel_backend, case, dtype):
         return
     check_jvp(name, device, xs, kw, ts, dtype)
     check_jvp_backward(name, device, xs, kw, ts, dtype, (1, 1))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.4], ids=["zero", "negative"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_nonpositive_scale(kernel_backend, scale, is_causal):
+    """The unmasked Triton kernels fold a positive scale into the exponent; a zero or negative one
+    takes the masked kernels with a zero mask. Either way: the reference's numbers."""
+    name, device = kernel_backend
+    dtype = torch.float32
+    xs, kw, ts = make_case(B=1, Hq=2, Nq=37, Nk=45, D=24, is_causal=is_causal, scale=scale, dtype=dtype, seed=5)
+    check_forward(name, device, xs, kw, dtype)
+    check_jvp(name, device, xs, kw, ts, dtype)
+    check_backward(name, device, xs, kw, dtype)
 
 
 @pytest.mark.parametrize("D", [1, 40, 80, 96, 160])
