@@ -42,6 +42,9 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <tuple>
 #include <vector>
 
@@ -79,6 +82,71 @@ inline __attribute__((always_inline)) float fold(float* acc) { return fold_pairw
 // ---------------------------------------------------------------------------------------------
 #define SCM_COEF(arr, scalar) (kVec ? arr[i] : scalar)
 
+// The forward's SiLU in explicit AVX-512 (the forward is the op whose time the SiLU dominates):
+// y = a / (1 + e^-a), e^-a = 2^t with t = -a log2(e) clamped below at -100, t = k + f (k = round(t)
+// by vrndscaleps, |f| <= 1/2), 2^f by exp_poly's degree-6 polynomial and 2^k applied by vscalefps,
+// which saturates to +inf for a < -88.7 (y = -0, as for the portable path's a < -80) instead of
+// needing selects. The clamp keeps e^-a >= 2^-100 (normal: no denormal assists) and makes a = +inf
+// give +inf; NaN propagates through a. Against the portable a * sigmoid(a): one division instead of
+// a reciprocal and a product, and 11 vector ops instead of ~21. Measured on this project's 2-core
+// AMD EPYC VM (noisy: +-30% between runs), fp32 8x256x32x32 forward with SiLU on one thread: best of 5
+// 0.99 ms before, 0.82-0.93 ms after; the rest of the call is the statistics pass (first read of x).
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define SCM_GN_AVX512 1
+// GCC 12's avx512fintrin.h leaves the pass-through operand of vrndscaleps/vscalefps undefined on
+// purpose and then warns about it (-Wmaybe-uninitialized): not ours to fix.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) inline __m512 silu16(__m512 a) {
+  const __m512 t = _mm512_max_ps(_mm512_mul_ps(a, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(-100.f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(1.5353498748e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398880837e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184369177e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 e = _mm512_scalef_ps(p, k);
+  return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// out[i] = silu((x[i] - mu) A + B) with per-element coefficient arrays (kVec: Av[i], Bv[i], mu
+// scalar or muv[i]) or scalars; the tail through masked loads and stores.
+template <bool kVec, bool kVecMu>
+__attribute__((target("avx512f"))) void silu_fwd_avx512(const float* __restrict x, int64_t n, float mu,
+                                                       const float* __restrict muv, const float* __restrict Av,
+                                                       const float* __restrict Bv, float A0, float B0,
+                                                       float* __restrict out) {
+  const __m512 mu0 = _mm512_set1_ps(mu), a0 = _mm512_set1_ps(A0), b0 = _mm512_set1_ps(B0);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 m = kVecMu ? _mm512_loadu_ps(muv + i) : mu0;
+    const __m512 A = kVec ? _mm512_loadu_ps(Av + i) : a0;
+    const __m512 B = kVec ? _mm512_loadu_ps(Bv + i) : b0;
+    const __m512 a = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m), A, B);
+    _mm512_storeu_ps(out + i, silu16(a));
+  }
+  if (i < n) {
+    const __mmask16 t = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 m = kVecMu ? _mm512_mask_loadu_ps(mu0, t, muv + i) : mu0;
+    const __m512 A = kVec ? _mm512_mask_loadu_ps(one, t, Av + i) : a0;
+    const __m512 B = kVec ? _mm512_mask_loadu_ps(one, t, Bv + i) : b0;
+    const __m512 a = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mask_loadu_ps(mu0, t, x + i), m), A, B);
+    _mm512_mask_storeu_ps(out + i, t, silu16(a));
+  }
+}
+
+#pragma GCC diagnostic pop
+
+inline bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
 // Moments of one block: its mean (summed relative to the pivot x[0], so that a large common offset
 // costs no precision), then sum (x - mean)^2.
 SCM_GN_CLONES Moments block_moments(const float* __restrict x, int64_t n) {
@@ -107,6 +175,9 @@ SCM_GN_CLONES Moments block_moments(const float* __restrict x, int64_t n) {
 template <bool kVec>
 SCM_GN_CLONES void fwd_block(const float* __restrict x, int64_t n, float mu, const float* __restrict Av,
                              const float* __restrict Bv, float A0, float B0, bool silu, float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (silu && have_avx512()) return silu_fwd_avx512<kVec, false>(x, n, mu, nullptr, Av, Bv, A0, B0, out);
+#endif
   if (silu) {
     for (int64_t i = 0; i < n; ++i) {
       const float a = (x[i] - mu) * SCM_COEF(Av, A0) + SCM_COEF(Bv, B0);
@@ -142,6 +213,12 @@ SCM_GN_CLONES void cl_fwd_rows(const float* __restrict x, int64_t rows, int64_t 
   for (int64_t s = 0; s < rows; ++s) {
     const float* xr = x + s * C;
     float* o = out + s * C;
+#ifdef SCM_GN_AVX512
+    if (silu && have_avx512()) {
+      silu_fwd_avx512<true, true>(xr, C, 0.f, mu, A, B, 0.f, 0.f, o);
+      continue;
+    }
+#endif
     if (silu) {
       for (int64_t c = 0; c < C; ++c) {
         const float a = (xr[c] - mu[c]) * A[c] + B[c];
