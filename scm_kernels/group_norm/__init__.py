@@ -42,22 +42,33 @@ ACTIVATIONS = (None, "silu")
 __all__ = ["group_norm", "GroupNormFunction", "reference"]
 
 
-def _param(v, name: str, x: torch.Tensor, shape: tuple, allowed: str) -> torch.Tensor | None:
-    """A per-channel (C,) or per-(sample, channel) (N, C) tensor: checked and returned as given."""
+def _param(v, name: str, x: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """A per-channel (C,) or per-(sample, channel) (N, C) tensor: checked and returned as given.
+    (Messages are formatted only on error: this runs four times per call, for calls of a few µs.)"""
     if v is None:
         return None
     _checks.tensor(v, name, OP)
-    if v.dtype not in (x.dtype, torch.float32):
+    if v.dtype is not x.dtype and v.dtype is not torch.float32:
         raise TypeError(f"{OP}: {name} must have x's dtype ({x.dtype}) or torch.float32, got {v.dtype}")
     if v.device != x.device:
         raise ValueError(f"{OP}: {name} is on {v.device} but x is on {x.device}; all tensors must be on one device")
-    N, C = x.shape[0], x.shape[1]
-    ok = tuple(v.shape) == shape
+    ok = v.shape == shape
     if len(shape) == 2 and not ok:  # (N, C, 1, ..., 1) is accepted for the modulation
-        ok = v.dim() == x.dim() and tuple(v.shape[:2]) == (N, C) and all(s == 1 for s in v.shape[2:])
+        ok = v.dim() == x.dim() and v.shape[:2] == shape and all(s == 1 for s in v.shape[2:])
     if not ok:
+        N, C = shape[0], shape[-1]
+        allowed = f"({C},)" if len(shape) == 1 else f"({N}, {C}) or ({N}, {C}, 1, ...)"
         raise ValueError(f"{OP}: {name} must have shape {allowed}, got {tuple(v.shape)}")
     return v
+
+
+def _f32(v: torch.Tensor | None, shape2: tuple | None) -> torch.Tensor | None:
+    """v as float32 (a differentiable cast; v itself when it already is), (N, C) modulation as 2-D."""
+    if v is None:
+        return None
+    if shape2 is not None and v.dim() != 2:
+        v = v.reshape(shape2)
+    return v if v.dtype is torch.float32 else v.to(torch.float32)
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -102,10 +113,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         raise ValueError(f"{OP}: num_groups must divide the channels C = {C}, got num_groups = {G}")
     eps = _checks.number(eps, "eps", OP, positive=True)
     activation = _checks.choice(activation, "activation", OP, ACTIVATIONS)
-    weight = _param(weight, "weight", x, (C,), f"({C},)")
-    bias = _param(bias, "bias", x, (C,), f"({C},)")
-    scale = _param(scale, "scale", x, (N, C), f"({N}, {C}) or ({N}, {C}, 1, ...)")
-    shift = _param(shift, "shift", x, (N, C), f"({N}, {C}) or ({N}, {C}, 1, ...)")
+    weight = _param(weight, "weight", x, (C,))
+    bias = _param(bias, "bias", x, (C,))
+    scale = _param(scale, "scale", x, (N, C))
+    shift = _param(shift, "shift", x, (N, C))
 
     name = _backend.select(x.device, backend, op=OP)
     if name == "reference":
@@ -115,11 +126,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
 
     # Kernel backends: per-channel operands as float32 (differentiable casts; no-ops when already
     # float32), the modulation as (N, C).
-    f32 = torch.float32
-    w32 = weight.to(f32) if weight is not None else None
-    b32 = bias.to(f32) if bias is not None else None
-    s32 = scale.reshape(N, C).to(f32) if scale is not None else None
-    sh32 = shift.reshape(N, C).to(f32) if shift is not None else None
+    w32, b32, s32, sh32 = _f32(weight, None), _f32(bias, None), _f32(scale, (N, C)), _f32(shift, (N, C))
     xd = dense(x)
     silu = activation == "silu"
     if not _needs_autograd(xd, w32, b32, s32, sh32):

@@ -55,6 +55,8 @@ def layout_of(x: torch.Tensor) -> bool | None:
 
     Only dims of size > 1 constrain the layout; a tensor that is both (C == 1 or S == 1) counts
     as channels-first."""
+    if x.is_contiguous():  # the common case, without building strides (nd_strides(shape, False))
+        return False
     shape, strides = x.shape, x.stride()
     for cl in (False, True):
         want = nd_strides(shape, cl)
