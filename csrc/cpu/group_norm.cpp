@@ -101,13 +101,9 @@ __attribute__((target("avx512f"))) inline __m512 silu16(__m512 a) {
   const __m512 t = _mm512_max_ps(_mm512_mul_ps(a, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(-100.f));
   const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, k);
-  __m512 p = _mm512_set1_ps(1.5353498748e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398880837e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184369177e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2P6);
+  for (const float c : {kExp2P5, kExp2P4, kExp2P3, kExp2P2, kExp2P1, kExp2P0})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   const __m512 e = _mm512_scalef_ps(p, k);
   return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
@@ -210,15 +206,15 @@ SCM_GN_CLONES void cl_sq_rows(const float* __restrict x, int64_t rows, int64_t C
 SCM_GN_CLONES void cl_fwd_rows(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict mu,
                                const float* __restrict A, const float* __restrict B, bool silu,
                                float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (silu && have_avx512()) {
+    for (int64_t s = 0; s < rows; ++s) silu_fwd_avx512<true, true>(x + s * C, C, 0.f, mu, A, B, 0.f, 0.f, out + s * C);
+    return;
+  }
+#endif
   for (int64_t s = 0; s < rows; ++s) {
     const float* xr = x + s * C;
     float* o = out + s * C;
-#ifdef SCM_GN_AVX512
-    if (silu && have_avx512()) {
-      silu_fwd_avx512<true, true>(xr, C, 0.f, mu, A, B, 0.f, 0.f, o);
-      continue;
-    }
-#endif
     if (silu) {
       for (int64_t c = 0; c < C; ++c) {
         const float a = (xr[c] - mu[c]) * A[c] + B[c];

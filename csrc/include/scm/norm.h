@@ -59,18 +59,23 @@ SCM_NORM_HD float group_rstd(const Moments& m, float M, float eps) { return rsqr
 // fp32 Horner) and 2^k built in the exponent bits. Error: ~2 ulp plus |t| 2^-24 from rounding t
 // (5e-7 relative at |x| = 10), which the sigmoid turns into negligible absolute errors.
 // Branch-free and call-free, so CPU loops over it vectorize (std::exp does not without -ffast-math).
+// The polynomial's coefficients, highest degree first (also the CPU group_norm forward's AVX-512 SiLU).
+constexpr float kExp2P6 = 1.5353498748e-4f, kExp2P5 = 1.3398880837e-3f, kExp2P4 = 9.6184369177e-3f,
+                kExp2P3 = 5.5503323674e-2f, kExp2P2 = 2.4022647738e-1f, kExp2P1 = 6.9314718246e-1f,
+                kExp2P0 = 1.f;
+
 SCM_NORM_HD float exp_poly(float x) {
   const float t = x * 1.44269504088896341f;
   // k = round(t): adding and removing 1.5 * 2^23 rounds to nearest in the current mode.
   const float k = (t + 12582912.f) - 12582912.f;
   const float f = t - k;
-  float p = 1.5353498748e-4f;
-  p = p * f + 1.3398880837e-3f;
-  p = p * f + 9.6184369177e-3f;
-  p = p * f + 5.5503323674e-2f;
-  p = p * f + 2.4022647738e-1f;
-  p = p * f + 6.9314718246e-1f;
-  p = p * f + 1.f;
+  float p = kExp2P6;
+  p = p * f + kExp2P5;
+  p = p * f + kExp2P4;
+  p = p * f + kExp2P3;
+  p = p * f + kExp2P2;
+  p = p * f + kExp2P1;
+  p = p * f + kExp2P0;
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(two_k));
