@@ -1,8 +1,11 @@
 """Benchmark of one sCT training step (Algorithm 1, A12-A17) of a demo-size U-Net with attention.
 
-One call = one whole step of `scm.SCMLoss` on a fixed batch: the no-grad forward-mode pass
-(F^-, J) (A13), the gradient pass F, the fused loss (A14-A17), loss.backward() and an Adam step
-over the U-Net and the adaptive weighting w_phi. The harness's mode `fwd` is used for it: the timed
+One call = one whole step of `scm.SCMLoss` on a fixed batch: the forward-mode pass (F^-, J) (A13)
+and the gradient pass F -- merged into one pass with grad enabled (F^- = F.detach()) where SCMLoss's
+default passes="auto" merges them, i.e. for the scm and eager providers (the U-Net on the per-layer
+path); two passes for func-sdpa-math (whole-model torch.func.jvp) -- the fused loss (A14-A17),
+loss.backward() and an Adam step over the U-Net and the adaptive weighting w_phi. The harness's
+mode `fwd` is used for it: the timed
 callable enables grad itself (the harness wraps `fwd` in no_grad), so the table's `fwd` row IS the
 training step; the other modes do not apply.
 
@@ -12,7 +15,11 @@ the first step of every provider starts from the same weights and gives the same
                   kernels; CUDA: Triton), per-layer JVP path (UNet.forward_jvp, attention through
                   scm_kernels.attention_jvp) -- what `scm` does by default
   eager           reference ops: the same step with model.set_backend("reference") and
-                  SCMLoss(backend="reference") (plain PyTorch for every fused op), same JVP path. Its
+                  SCMLoss(backend="reference") (plain PyTorch for every fused op), same JVP path and
+                  passes. (Its merged pass is faster than its separate passes but holds much more
+                  memory: torch.func.jvp over the decomposed reference ops records the primal's
+                  backward in decomposed form. SCM_BENCH_PASSES=separate runs both providers with
+                  two passes.) Its
                   attention is softmax(q k^T) v written out in PyTorch (the N x N matrix is
                   materialized as in math attention) but it is not torch's SDPA.
   func-sdpa-math  torch.func.jvp over the whole model (SCMLoss(jvp="func")), reference ops, and the
@@ -24,7 +31,8 @@ the first step of every provider starts from the same weights and gives the same
 
 Sizes: U-Net preset `demo-32` (3x32x32, ch 24, mult 1,2,2, attention at 8x8, 10 classes, 705,819
 parameters), fp32, batch 16 (--quick: 8; CUDA 64 / 16). Environment overrides:
-SCM_BENCH_BATCH=64 (the issue's CPU target batch) and SCM_BENCH_NET=<preset of scm.networks>.
+SCM_BENCH_BATCH=64 (the issue's CPU target batch), SCM_BENCH_NET=<preset of scm.networks> and
+SCM_BENCH_PASSES=auto|merged|separate (SCMLoss's passes, default auto).
 
 Step settings: Adam (lr 1e-4), SCMLoss defaults (CIFAR-10 proposal, adaptive weighting, c = 0.1)
 with the tangent warmup off (r = 1; the same work as any r), fixed t and z per call.
@@ -126,7 +134,8 @@ class TrainStep:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
             model = scm.networks.create(self.net).train()
-            loss_fn = scm.SCMLoss(sigma_d=SIGMA_D, warmup_steps=0, jvp=self.jvp, backend=self.backend)
+            loss_fn = scm.SCMLoss(sigma_d=SIGMA_D, warmup_steps=0, jvp=self.jvp, backend=self.backend,
+                                  passes=os.environ.get("SCM_BENCH_PASSES", "auto"))
         model.set_backend(self.backend)
         model.to(device)
         loss_fn.to(device)

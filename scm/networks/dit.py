@@ -14,11 +14,13 @@ through scm_kernels.attention_jvp (A24-A25).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.losses import block_jvp
+from scm.losses import block_jvp, detach_tangents
 from scm.networks.layers import (ConditionEmbedding, Conv2d, Linear, attention_tokens_jvp, check_backend,
                                  set_backend, sincos_2d)
 from scm_kernels.nn import Attention
@@ -61,7 +63,10 @@ class DiTBlock(nn.Module):
 
         (a, gate), (a_dot, gate_dot) = block_jvp(pre, (x, c), (x_dot, c_dot))
         y, y_dot = attention_tokens_jvp(self.attn, a, a_dot)
-        x, x_dot = x + gate * y, x_dot + gate_dot * y + gate * y_dot
+        # SCMLoss's merged pass: the tangent carries no autograd graph
+        with torch.no_grad() if detach_tangents() else contextlib.nullcontext():
+            x_dot = x_dot + gate_dot * y + gate * y_dot
+        x = x + gate * y
         return block_jvp(self._mlp_part, (x, c), (x_dot, c_dot))
 
 
@@ -80,6 +85,9 @@ class DiT(nn.Module):
         time_scale: s of the time embedding (A10). pos_dim: width of the sinusoidal embeddings.
         backend: None/"auto" or a backend for every fused op ("reference": plain PyTorch).
     """
+
+    # forward_jvp's F is differentiable exactly as forward's: SCMLoss may merge its passes (scm.losses)
+    forward_jvp_differentiable = True
 
     def __init__(self, img_resolution: int = 32, in_channels: int = 4, out_channels: int | None = None, *,
                  patch_size: int = 2, dim: int = 384, depth: int = 12, num_heads: int = 6,

@@ -14,13 +14,15 @@ networks rewrites it everywhere.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
 import scm_kernels
-from scm.losses import block_jvp
+from scm.losses import block_jvp, detach_tangents
 from scm_kernels.group_norm import group_norm
 from scm_kernels.nn import AdaptiveGroupNorm, Attention
 from scm_kernels.time_embedding import reference as _time_embedding_ref
@@ -239,27 +241,34 @@ def attention_tokens_jvp(attn: Attention, tokens: torch.Tensor, tokens_dot: torc
     """(y, y_dot) of a self-attention layer `attn` on (B, N, C) tokens, through
     scm_kernels.attention_jvp (A24-A25): the primal and the tangent in one fused pass. The linear
     projections carry the tangent without their bias; the optional QK norm goes through
-    torch.func.jvp."""
+    torch.func.jvp. Inside scm.losses.tangents_without_grad (SCMLoss's merged pass) the tangent
+    carries no gradient: its projections run without autograd and the attention keeps only the
+    primal's backward (attention_jvp(differentiable_tangent=False))."""
     if attn.to_qkv is None:
         raise ValueError("attention_tokens_jvp: only self-attention layers (no context_dim)")
+    detach = detach_tangents()
+    tangent_grad = contextlib.nullcontext() if not detach else torch.no_grad()
     B, N, _ = tokens.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     widths = (Hq * D, Hkv * D, Hkv * D)
     qkv = attn.to_qkv(tokens)
-    qkv_dot = F.linear(tokens_dot, attn.to_qkv.weight)
+    with tangent_grad:
+        qkv_dot = F.linear(tokens_dot, attn.to_qkv.weight)
     (q, k, v), (qd, kd, vd) = qkv.split(widths, -1), qkv_dot.split(widths, -1)
     q, k, v = q.unflatten(-1, (Hq, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
     qd, kd, vd = qd.unflatten(-1, (Hq, D)), kd.unflatten(-1, (Hkv, D)), vd.unflatten(-1, (Hkv, D))
     if attn.norm_q is not None:
-        q, qd = torch.func.jvp(attn.norm_q, (q,), (qd,))
-        k, kd = torch.func.jvp(attn.norm_k, (k,), (kd,))
+        q, qd = block_jvp(attn.norm_q, (q,), (qd,))
+        k, kd = block_jvp(attn.norm_k, (k,), (kd,))
     tr = lambda a: a.transpose(1, 2)  # noqa: E731  (B, N, H, D) memory as (B, H, N, D)
     o, od = scm_kernels.attention_jvp(tr(q), tr(k), tr(v), tr(qd), tr(kd), tr(vd), is_causal=attn.is_causal,
                                       scale=attn.scale, enable_gqa=Hq != Hkv, backend=attn.backend,
-                                      precision=attn.precision)
+                                      precision=attn.precision, differentiable_tangent=not detach)
     o = o.transpose(1, 2).reshape(B, N, Hq * D)
     od = od.transpose(1, 2).reshape(B, N, Hq * D)
-    return attn.to_out(o), F.linear(od, attn.to_out.weight)
+    with tangent_grad:
+        od = F.linear(od, attn.to_out.weight)
+    return attn.to_out(o), od
 
 
 class AttentionBlock(nn.Module):

@@ -64,6 +64,9 @@ class UNet(nn.Module):
             runs the whole network in plain PyTorch (the oracle of the tests). set_backend() changes it.
     """
 
+    # forward_jvp's F is differentiable exactly as forward's: SCMLoss may merge its passes (scm.losses)
+    forward_jvp_differentiable = True
+
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, *,
                  model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), num_heads: int | None = None,

@@ -46,7 +46,8 @@ import torch.autograd.forward_ad as fwAD
 
 from scm_kernels import _autograd, _checks, backend as _backend
 from scm_kernels.attention import reference
-from scm_kernels.attention.function import AttentionFunction, AttentionJvpFunction, inner
+from scm_kernels.attention.function import (AttentionFunction, AttentionJvpFunction,
+                                            AttentionPrimalJvpFunction, inner)
 
 OP = "scm_kernels.attention"
 OP_JVP = "scm_kernels.attention_jvp"
@@ -55,8 +56,10 @@ PRECISIONS = ("ieee", "tf32")
 
 _AttentionTraceable = _autograd.traceable(AttentionFunction)
 _AttentionJvpTraceable = _autograd.traceable(AttentionJvpFunction)
+_AttentionPrimalJvpTraceable = _autograd.traceable(AttentionPrimalJvpFunction)
 
-__all__ = ["attention", "attention_jvp", "AttentionFunction", "AttentionJvpFunction", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_jvp", "AttentionFunction", "AttentionJvpFunction",
+           "AttentionPrimalJvpFunction", "MAX_HEAD_DIM"]
 
 
 class _Call:
@@ -234,12 +237,18 @@ def attention_jvp(
     enable_gqa: bool = False,
     backend: str | None = None,
     precision: str | None = None,
+    differentiable_tangent: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, out_tangent) of `attention` for the tangents (A24-A25), from one fused pass.
 
     Any tangent may be None (zero; the kernel skips that work). Tangents have their primal's shape,
     dtype and device. Both outputs are differentiable by backward (A27): gradients flow to q, k, v
     and to the tangents that were given.
+
+    differentiable_tangent=False: out_tangent carries no gradient (it is returned detached); out's
+    backward is then `attention`'s (A26) and the tangents are not saved for it. This is the call for
+    a JVP pass taken with grad enabled whose tangent is only a target (sCM's merged pass, where the
+    JVP's primal is the gradient pass: scm.SCMLoss(passes="merged")).
     """
     c = _prepare(OP_JVP, query, key, value, attn_mask, is_causal, scale, enable_gqa, backend, precision)
     tangents = []
@@ -255,10 +264,19 @@ def attention_jvp(
             if t.device != x.device:
                 raise ValueError(f"{OP_JVP}: {name} is on {t.device} but its primal is on {x.device}")
         tangents.append(t)
+    if not isinstance(differentiable_tangent, bool):
+        raise TypeError(f"{OP_JVP}: differentiable_tangent must be a bool, got {differentiable_tangent!r}")
     if c.name == "reference":
-        return reference.attention_jvp(c.q, c.k, c.v, *tangents, c.mask, c.is_causal, c.scale, c.gqa)
+        if differentiable_tangent:
+            return reference.attention_jvp(c.q, c.k, c.v, *tangents, c.mask, c.is_causal, c.scale, c.gqa)
+        tangents = [None if t is None else t.detach() for t in tangents]
+        out, out_tangent = reference.attention_jvp(c.q, c.k, c.v, *tangents, c.mask, c.is_causal, c.scale,
+                                                   c.gqa)
+        return out, out_tangent.detach()
     q, k, v, mask = _kernel_args(c)
     tq, tk, tv = (inner(t) for t in tangents)
-    out, out_tangent, _, _ = _autograd.apply(AttentionJvpFunction, _AttentionJvpTraceable, q, k, v, tq, tk, tv,
-                                             mask, c.is_causal, c.scale, c.name, c.precision)
+    fn, traceable = ((AttentionJvpFunction, _AttentionJvpTraceable) if differentiable_tangent else
+                     (AttentionPrimalJvpFunction, _AttentionPrimalJvpTraceable))
+    out, out_tangent, _, _ = _autograd.apply(fn, traceable, q, k, v, tq, tk, tv, mask, c.is_causal, c.scale,
+                                             c.name, c.precision)
     return out, out_tangent

@@ -517,6 +517,47 @@ def test_loss_on_jvp_tangent_differentiates(backend):
                 torch.float32, "d loss(tangent) / dW")
 
 
+def test_jvp_with_nondifferentiable_tangent(backend):
+    """attention_jvp(differentiable_tangent=False) under grad: the same (out, out_tangent) as the
+    differentiable call, out_tangent carries no gradient, out's gradient is attention's (the 2x rule
+    against the float64 reference), and no tangent is saved for the backward (sCM's merged pass)."""
+    name, device = backend
+    xs, kw, ts = make_case(B=2, Hq=4, Hkv=2, Nq=11, Nk=13, D=8, mask="bool", seed=23)
+    kw = {**_kw_on(kw, device), "enable_gqa": True}
+    gen = torch.Generator().manual_seed(5)
+    gout = torch.randn(2, 4, 11, 8, generator=gen, dtype=torch.float64)
+
+    def run(backend_name, dtype, differentiable):
+        a = [x.to(dtype).to(device).requires_grad_() for x in xs]
+        t = [x.to(dtype).to(device) for x in ts]
+        saved = []
+
+        def pack(x):
+            saved.append(x)
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out, tan = scm_kernels.attention_jvp(*a, *t, **kw, backend=backend_name,
+                                                 differentiable_tangent=differentiable)
+        g = torch.autograd.grad((out * gout.to(dtype).to(device)).sum(), a)
+        return out.detach(), tan, [x.cpu() for x in g], saved, t
+
+    out, tan, g, saved, t = run(name, torch.float32, False)
+    out1, tan1, _, _, _ = run(name, torch.float32, True)
+    assert not tan.requires_grad and tan.grad_fn is None
+    assert torch.equal(out, out1) and torch.equal(tan, tan1.detach())
+    if name != "reference":
+        tangent_ptrs = {x.untyped_storage().data_ptr() for x in t}
+        saved_ptrs = {x.untyped_storage().data_ptr() for x in saved if isinstance(x, torch.Tensor)}
+        assert saved and not saved_ptrs & tangent_ptrs
+    _, _, g64, _, _ = run("reference", torch.float64, True)
+    _, _, g32, _, _ = run("reference", torch.float32, True)
+    for which, a, b, c in zip("qkv", g, g64, g32):
+        assert_rule(a, b, c, torch.float32, f"d{which}")
+    with pytest.raises(TypeError, match="differentiable_tangent must be a bool"):
+        scm_kernels.attention_jvp(*xs, *ts, **kw, differentiable_tangent=None)
+
+
 @pytest.mark.cpu
 @pytest.mark.skipif(not _backend.extension_available(), reason="scm_kernels._C not built")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

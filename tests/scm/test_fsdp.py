@@ -162,6 +162,9 @@ def _worker_unet(out_dir: Path, reshard: str) -> None:
     report["gathered_after_jvp"] = sum(not isinstance(next(m.parameters()), DTensor) for m in blocks)
     report["root_gathered_after_jvp"] = not isinstance(model.in_conv.weight, DTensor)
     report["n_blocks"] = len(blocks)
+    # SCMLoss keeps two passes for a sharded model (FSDP2's gradient hooks need its forward); the
+    # unsharded 1-process run merges them: equal results are also a check of the merged pass.
+    report["merges"] = [loss_fn.merges(model, jvp_model=model), loss_fn.merges(plain, jvp_model=plain)]
 
     # Whole-model torch.func.jvp over the sharded model.
     try:
@@ -261,6 +264,7 @@ def test_fsdp_two_gloo_ranks_equal_one_process(tmp_path):
             # torch 2.13: whole-model torch.func.jvp through FSDP2's hooks works and matches.
             assert rep["func_jvp"] == "ok", rep["func_jvp"]
             assert rep["func_jvp_max_abs_diff"] <= 1e-5 * max(1.0, rep["J_norm"])
+            assert rep["merges"] == [False, True]
             assert rep["roundtrip_equal"]
             assert rep.get("resume_equal", reshard == "keep")
     for rank in (0, 1):

@@ -94,7 +94,8 @@ def _perturb(module, seed):
 @pytest.mark.parametrize("variant", ["sct", "scd", "scd_cfg"])
 @pytest.mark.parametrize("jvp", ["func", "layer"])
 @pytest.mark.parametrize("backend", ["reference", None])
-def test_scm_loss_equals_float64_algorithm1(variant, jvp, backend):
+@pytest.mark.parametrize("passes", ["separate", "merged"])
+def test_scm_loss_equals_float64_algorithm1(variant, jvp, backend, passes):
     torch.manual_seed(0)
     cfg = variant == "scd_cfg"
     model = ToyMLP(3, 24, 8, embed="reference64", n_cond=2 if cfg else 0, guidance_input=cfg, dtype=torch.float64)
@@ -106,7 +107,8 @@ def test_scm_loss_equals_float64_algorithm1(variant, jvp, backend):
     x0, z, t = _case(8)  # B = 8: the float32 upstream gradient 1/B of the mean is exact
     label = torch.randn(8, 2, generator=_gen(9), dtype=torch.float64) if cfg else None
     loss_fn = SCMLoss(sigma_d=SD, teacher=teacher, weighting=weighting, warmup_steps=100, jvp=jvp, backend=backend,
-                      guidance=(1.0, 3.0) if cfg else None, uncond_kwargs={"label": None})
+                      guidance=(1.0, 3.0) if cfg else None, uncond_kwargs={"label": None}, passes=passes)
+    assert loss_fn.merges(model) == (passes == "merged")
     out = loss_fn(model, x0, step=37, t=t, z=z, model_kwargs={"label": label} if cfg else None,
                   generator=_gen(11))
     assert out.r == 0.37 and int(out.num_dropped) == 0
@@ -265,6 +267,53 @@ def test_func_and_layer_paths_agree():
     assert _rel(ga, gb) < 1e-4
     with pytest.raises(TypeError, match="forward_jvp"):
         model_jvp(TorchDropoutNet(), x0, t, x0, t, mode="layer")
+
+
+def test_merged_passes_rules_and_errors():
+    """passes="auto" merges only for a model that declares forward_jvp_differentiable, on the per-layer
+    path, with grad enabled and no other jvp_model (DDP); "merged" with another jvp_model and unknown
+    values are errors. (FSDP-sharded models: tests/scm/test_fsdp.py.)"""
+    toy = ToyMLP(3, 8, 4)
+
+    class Declared(ToyMLP):
+        forward_jvp_differentiable = True
+
+    net = Declared(3, 8, 4)
+    auto = SCMLoss()
+    assert auto.merges(net) and not auto.merges(toy)
+    assert not SCMLoss(jvp="func").merges(net) and not SCMLoss(passes="separate").merges(net)
+    assert auto.merges(net, jvp_model=net) and not auto.merges(net, jvp_model=toy)
+    assert SCMLoss(passes="merged").merges(toy) and SCMLoss(passes="merged", jvp="func").merges(toy)
+    assert SCMLoss(passes="merged").merges(toy, jvp_model=toy)
+    with torch.no_grad():
+        assert not auto.merges(net)
+    with pytest.raises(ValueError, match="passes='merged' takes the gradient pass"):
+        SCMLoss(passes="merged", warmup_steps=0)(toy, torch.randn(4, 3), jvp_model=Declared(3, 8, 4))
+    with pytest.raises(ValueError, match="passes must be one of"):
+        SCMLoss(passes="fused")
+
+
+@pytest.mark.parametrize("jvp", ["func", "layer"])
+def test_merged_passes_keep_dropout_masks_and_rng(jvp):
+    """With dropout p = 0.5, merged passes give the separate passes' loss, F^-, J and gradients, and
+    leave the RNG where the separate passes leave it (advanced by one pass), also with A18's extra
+    passes."""
+    for semi in (False, True):
+        res = {}
+        for mode in ("separate", "merged"):
+            torch.manual_seed(0)
+            model = ToyMLP(3, 32, 8, p=0.5)
+            x0, z, t = _case(16, 3, dtype=torch.float32)
+            loss_fn = SCMLoss(sigma_d=SD, warmup_steps=0, jvp=jvp, passes=mode, semi_continuous=semi)
+            out = loss_fn(model, x0, t=t, z=z)
+            out.loss.backward()
+            res[mode] = (out, _grads(model.parameters()), torch.get_rng_state())
+        (a, ga, ra), (b, gb, rb) = res["separate"], res["merged"]
+        assert torch.equal(ra, rb)
+        assert torch.equal(a.F_minus, b.F_minus)
+        assert torch.allclose(a.jvp_out, b.jvp_out, rtol=1e-6, atol=1e-7)
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-6 * abs(a.loss.item())
+        assert _rel(ga, gb) <= 1e-5
 
 
 @pytest.mark.parametrize("jvp", ["func", "layer"])

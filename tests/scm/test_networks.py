@@ -164,6 +164,41 @@ def test_training_fused_equals_reference():
         assert _rel(params, ref_params) <= 1e-4
 
 
+@pytest.mark.parametrize("make", [pytest.param(lambda: _unet("double", dropout=0.3), id="unet-dropout"),
+                                  pytest.param(_dit, id="dit")])
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_merged_passes_equal_separate_passes(make, backend):
+    """SCMLoss's merged passes (the per-layer JVP pass with grad enabled is the gradient pass) on the
+    U-Net (dropout on) and the DiT: the separate passes' loss, F^-, J and gradients, with one forward of
+    the network instead of two (every Conv2d / Linear called once), and a tangent without autograd."""
+    from torch import nn
+
+    res = {}
+    for passes in ("separate", "merged"):
+        torch.manual_seed(0)
+        net = _perturbed(make(), torch.float32).train()
+        net.set_backend(backend)
+        x, t, _, _, y = _inputs(torch.float32, B=2)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+        loss_fn = SCMLoss(sigma_d=0.5, warmup_steps=0, passes=passes, backend=backend)
+        assert loss_fn.merges(net) == (passes == "merged")
+        calls = []
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in net.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear))]
+        out = loss_fn(net, x, t=t.float().clamp(max=1.5), z=z, model_kwargs={"class_labels": y})
+        for h in hooks:
+            h.remove()
+        out.loss.backward()
+        assert not out.jvp_out.requires_grad
+        res[passes] = (out, [p.grad.clone() for p in net.parameters()], len(calls), len(hooks))
+    (a, ga, na, nh), (b, gb, nb, _) = res["separate"], res["merged"]
+    assert nb == na // 2 and nb >= nh
+    assert torch.equal(a.F_minus, b.F_minus)  # the same primal operations, so bitwise
+    assert _rel(b.jvp_out, a.jvp_out) <= 1e-5  # the tangent's ops may round differently under grad
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5 * abs(a.loss.item())
+    assert max(_rel(u, v) for u, v in zip(gb, ga) if v.abs().max() > 0) <= 1e-4
+
+
 def test_time_emb_hook_and_guidance():
     net = _perturbed(_unet(guidance_input=True), torch.float64)
     x, t, *_ = _inputs(torch.float64)
