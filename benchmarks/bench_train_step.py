@@ -5,23 +5,22 @@ and the gradient pass F -- merged into one pass with grad enabled (F^- = F.detac
 default passes="auto" merges them, i.e. for the scm and eager providers (the U-Net on the per-layer
 path); two passes for func-sdpa-math (whole-model torch.func.jvp) -- the fused loss (A14-A17),
 loss.backward() and an Adam step over the U-Net and the adaptive weighting w_phi. The harness's
-mode `fwd` is used for it: the timed
-callable enables grad itself (the harness wraps `fwd` in no_grad), so the table's `fwd` row IS the
-training step; the other modes do not apply.
+mode `fwd` is used for it: the timed callable enables grad itself (the harness wraps `fwd` in
+no_grad), so the table's `fwd` row IS the training step; the other modes do not apply.
 
 Providers (each its own model, optimizer and loss, built on the first call with the same seed, so
 the first step of every provider starts from the same weights and gives the same loss):
   scm             fused ops: the network and the loss on scm_kernels' automatic backend (CPU: the C++
                   kernels; CUDA: Triton), per-layer JVP path (UNet.forward_jvp, attention through
-                  scm_kernels.attention_jvp) -- what `scm` does by default
+                  scm_kernels.attention_jvp) -- what `scm` does by default; channels-last on CPU
+                  (see Layout)
   eager           reference ops: the same step with model.set_backend("reference") and
                   SCMLoss(backend="reference") (plain PyTorch for every fused op), same JVP path and
                   passes. (Its merged pass is faster than its separate passes but holds much more
                   memory: torch.func.jvp over the decomposed reference ops records the primal's
                   backward in decomposed form. SCM_BENCH_PASSES=separate runs both providers with
-                  two passes.) Its
-                  attention is softmax(q k^T) v written out in PyTorch (the N x N matrix is
-                  materialized as in math attention) but it is not torch's SDPA.
+                  two passes.) Its attention is softmax(q k^T) v written out in PyTorch (the N x N
+                  matrix is materialized as in math attention) but it is not torch's SDPA.
   func-sdpa-math  torch.func.jvp over the whole model (SCMLoss(jvp="func")), reference ops, and the
                   attention swapped for torch's F.scaled_dot_product_attention under
                   sdpa_kernel(SDPBackend.MATH) (the path torch.func.jvp needs: the fused SDPA
@@ -31,8 +30,16 @@ the first step of every provider starts from the same weights and gives the same
 
 Sizes: U-Net preset `demo-32` (3x32x32, ch 24, mult 1,2,2, attention at 8x8, 10 classes, 705,819
 parameters), fp32, batch 16 (--quick: 8; CUDA 64 / 16). Environment overrides:
-SCM_BENCH_BATCH=64 (the issue's CPU target batch), SCM_BENCH_NET=<preset of scm.networks> and
-SCM_BENCH_PASSES=auto|merged|separate (SCMLoss's passes, default auto).
+SCM_BENCH_BATCH=64 (the issue's CPU target batch), SCM_BENCH_NET=<preset of scm.networks>,
+SCM_BENCH_PASSES=auto|merged|separate (SCMLoss's passes, default auto) and
+SCM_BENCH_LAYOUT=best|nchw|channels_last (the U-Net's memory layout, UNet(channels_last=...)).
+
+Layout: "best" (default) runs each provider in its faster layout on this CPU: channels-last for the
+fused ops (oneDNN convolutions are faster on NHWC maps, and the fused group_norm and attention keep
+that layout), NCHW for the reference ops (torch.func.jvp of F.group_norm cannot take channels-last
+tensors, so the reference group_norm copies to NCHW and back: slower there). The reference's
+number is thus its best, not a handicapped one; the nchw and channels_last settings compare the
+two in one layout. On CUDA "best" is NCHW for both (not measured there).
 
 Step settings: Adam (lr 1e-4), SCMLoss defaults (CIFAR-10 proposal, adaptive weighting, c = 0.1)
 with the tangent warmup off (r = 1; the same work as any r), fixed t and z per call.
@@ -87,6 +94,18 @@ def net_name() -> str:
     return os.environ.get("SCM_BENCH_NET", "demo-32")
 
 
+def channels_last_for(provider: str, device: torch.device) -> bool:
+    """The U-Net's layout for a provider ("scm" or "reference"): SCM_BENCH_LAYOUT=nchw or channels_last
+    for all; "best" (default): each provider in its faster layout on this CPU -- channels-last for the
+    fused ops, NCHW for the reference ops -- and NCHW for all on CUDA (not measured there)."""
+    layout = os.environ.get("SCM_BENCH_LAYOUT", "best")
+    if layout not in ("best", "nchw", "channels_last"):
+        raise ValueError(f"SCM_BENCH_LAYOUT must be best, nchw or channels_last, got {layout!r}")
+    if layout == "best":
+        return provider == "scm" and device.type == "cpu"
+    return layout == "channels_last"
+
+
 def batch_size(device: torch.device, quick: bool) -> int:
     """SCM_BENCH_BATCH if set, else 16 on CPU (8 with --quick), 64 on CUDA (16 with --quick)."""
     return env_batch(device, quick, cpu=(16, 8), cuda=(64, 16))
@@ -123,8 +142,10 @@ class TrainStep:
     backend: None (fused ops, automatic) or "reference"; jvp: SCMLoss's JVP path; sdpa_math: the
     attention through torch's math SDPA (see math_sdpa_attention)."""
 
-    def __init__(self, net: str, backend: str | None, jvp: str = "auto", sdpa_math: bool = False):
+    def __init__(self, net: str, backend: str | None, jvp: str = "auto", sdpa_math: bool = False,
+                 channels_last: bool | None = None):
         self.net, self.backend, self.jvp, self.sdpa_math = net, backend, jvp, sdpa_math
+        self.channels_last = channels_last  # None: layout(provider, device) at the first call
         self.state = None
         self.steps = 0
 
@@ -133,7 +154,10 @@ class TrainStep:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
-            model = scm.networks.create(self.net).train()
+            cl = self.channels_last
+            if cl is None:
+                cl = channels_last_for("scm" if self.backend is None else "reference", device)
+            model = scm.networks.create(self.net, **({"channels_last": True} if cl else {})).train()
             loss_fn = scm.SCMLoss(sigma_d=SIGMA_D, warmup_steps=0, jvp=self.jvp, backend=self.backend,
                                   passes=os.environ.get("SCM_BENCH_PASSES", "auto"))
         model.set_backend(self.backend)

@@ -55,6 +55,7 @@ __all__ = [
 DATA_SOURCES = ("digits", "folder", "npz")
 LOSS_KINDS = ("teacher", "sct", "scd")
 JVP_MODES = ("auto", "func", "layer")
+PASSES = ("auto", "merged", "separate")
 OPTIMIZERS = ("radam", "adam")
 SCHEDULES = ("constant", "inv_sqrt")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -98,6 +99,7 @@ class LossConfig:
     warmup_steps: int = 10000
     tangent_norm_c: float | None = 0.1
     jvp: str = "auto"
+    passes: str = "auto"  # SCMLoss's passes: "auto", "merged" or "separate" (scm.losses)
     semi_continuous: bool = False
     guidance: float | None = None
 
@@ -494,6 +496,7 @@ def _validate(cfg: Config) -> None:
     if lo.tangent_norm_c is not None:
         _at_least(lo.tangent_norm_c, 0, "loss.tangent_norm_c", strict=True)
     _choice(lo.jvp, JVP_MODES, "loss.jvp")
+    _choice(lo.passes, PASSES, "loss.passes")
     if lo.guidance is not None:
         if lo.kind != "scd":
             raise ValueError(f"loss.guidance={lo.guidance} (classifier-free guidance of the teacher) needs "
@@ -660,7 +663,8 @@ def describe(cfg: Config) -> str:
     else:
         loss = (f"{lo.kind} (A12-A18), proposal {lo.proposal}, teacher {lo.teacher or 'none'}"
                 f"{' (init from it)' if lo.init_from_teacher and lo.teacher else ''}, tangent warmup "
-                f"{lo.warmup_steps} steps, tangent norm c={_fmt(lo.tangent_norm_c)}, jvp {lo.jvp}")
+                f"{lo.warmup_steps} steps, tangent norm c={_fmt(lo.tangent_norm_c)}, jvp {lo.jvp}, "
+                f"passes {lo.passes}")
         if lo.guidance is not None:
             loss += f", guidance {_fmt(lo.guidance)}"
     if lo.p_mean is not None or lo.p_std is not None:

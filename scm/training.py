@@ -131,7 +131,7 @@ def build_loss(cfg: Config, teacher: nn.Module | None):
     return SCMLoss(sigma_d=lc.sigma_d, proposal=_proposal(cfg), teacher=teacher if lc.kind == "scd" else None,
                    guidance=lc.guidance if lc.kind == "scd" else None, weighting=lc.weighting,
                    warmup_steps=lc.warmup_steps, tangent_norm_c=lc.tangent_norm_c, jvp=lc.jvp,
-                   semi_continuous=lc.semi_continuous, backend=cfg.run.backend)
+                   passes=lc.passes, semi_continuous=lc.semi_continuous, backend=cfg.run.backend)
 
 
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:

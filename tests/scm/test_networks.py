@@ -199,6 +199,50 @@ def test_merged_passes_equal_separate_passes(make, backend):
     assert max(_rel(u, v) for u, v in zip(gb, ga) if v.abs().max() > 0) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_channels_last_unet_equals_nchw(backend):
+    """UNet(channels_last=True) with the same weights gives the NCHW network's F, JVP and sCT
+    gradients (up to the rounding of convolutions in another layout); with the fused ops every
+    convolution reads a channels-last map (no layout flips inside: up- and down-sampling, skips,
+    attention keep it); the outputs come back contiguous."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    nets = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        nets[cl] = _perturbed(_unet("double", channels_last=cl), torch.float32).train()
+        nets[cl].set_backend(backend)
+    nets[True].load_state_dict(nets[False].state_dict())
+    conv_w = [m.weight for m in nets[True].modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_w)
+    x, t, x_dot, t_dot, y = _inputs(torch.float32, B=2)
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous(
+        memory_format=torch.channels_last))) for m in nets[True].modules() if isinstance(m, nn.Conv2d)]
+    res = {}
+    for cl, net in nets.items():
+        F = net(x, t, class_labels=y)
+        with torch.no_grad():
+            F2, J = net.forward_jvp(x, t, x_dot, t_dot, class_labels=y)
+        loss_fn = SCMLoss(sigma_d=0.5, warmup_steps=0)
+        out = loss_fn(net, x, t=t.clamp(max=1.5), z=x_dot, model_kwargs={"class_labels": y})
+        out.loss.backward()
+        assert F.is_contiguous() and J.is_contiguous()
+        res[cl] = (F, F2, J, out.loss, [p.grad for p in net.parameters()])
+    for h in hooks:
+        h.remove()
+    # the fused ops keep the layout; the reference group_norm goes through a contiguous copy (torch 2.13's
+    # torch.func.jvp of F.group_norm fails on channels-last tensors), so convolutions see NCHW maps there
+    assert layouts and (all(layouts) if backend is None else layouts[0])
+    (F, F2, J, L, g), (Fc, F2c, Jc, Lc, gc) = res[False], res[True]
+    assert _rel(Fc, F) <= 1e-5 and _rel(F2c, F2) <= 1e-5 and _rel(Jc, J) <= 1e-5
+    assert abs(Lc.item() - L.item()) <= 1e-5 * abs(L.item())
+    assert max(_rel(a, b) for a, b in zip(gc, g) if b.abs().max() > 0) <= 1e-3
+    with pytest.raises(ValueError, match="channels_last must be a bool"):
+        _unet(channels_last="yes")
+
+
 def test_time_emb_hook_and_guidance():
     net = _perturbed(_unet(guidance_input=True), torch.float64)
     x, t, *_ = _inputs(torch.float64)

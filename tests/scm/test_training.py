@@ -65,6 +65,29 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, teacher_run, kind):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_channels_last_and_pass_modes_train_alike(tmp_path, teacher_run):
+    """sCT from the teacher with model.channels_last=true, and with loss.passes=separate: the same losses
+    and weights as the default run (NCHW, merged passes) up to rounding; the channels-last run's
+    checkpoint and safetensors export load into an NCHW network."""
+    extra = [f"loss.teacher={teacher_run}", "loss.warmup_steps=3"]
+    runs = {name: training.train(_cfg("digits-sct", 3, *extra, *opts), tmp_path / name, progress=False)
+            for name, opts in (("default", []), ("cl", ["model.channels_last=true"]),
+                               ("separate", ["loss.passes=separate"]))}
+    base = runs["default"].losses
+    for name in ("cl", "separate"):
+        assert torch.allclose(torch.tensor(runs[name].losses), torch.tensor(base), rtol=1e-4, atol=1e-7), name
+        a, b = _params(tmp_path / name), _params(tmp_path / "default")
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+    net, cfg = training.load_model(tmp_path / "cl")
+    assert net.channels_last and cfg.model.kwargs["channels_last"] is True
+    plain, _ = training.load_model(tmp_path / "default")
+    plain.load_state_dict(net.state_dict())  # a channels-last state dict loads into an NCHW network
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.7)
+    y = torch.tensor([1, 2])
+    torch.testing.assert_close(plain(x, t, class_labels=y), net(x, t, class_labels=y), rtol=1e-4, atol=1e-5)
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     training.train(_cfg("digits-teacher", 1), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"optim\.lr"):
