@@ -315,13 +315,15 @@ def test_large_offset(kernel_backend):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_channels_last_forward_several_chunks(kernel_backend, offset):
+@pytest.mark.parametrize("C,G,H,W", [(16, 4, 48, 47), (24, 8, 37, 41)])
+def test_channels_last_forward_several_chunks(kernel_backend, offset, C, G, H, W):
     """channels_last with several groups on spatial sizes whose rows span several chunks of the CPU
-    kernel (partial last chunk), with every operand and SiLU; with x * 0.01 + 1e4 as accurate as
-    PyTorch's own fp32 group_norm (within 2x)."""
+    kernel (partial last chunk; with C = 24, chunks of 682 rows handled as super-rows of 10 rows plus
+    2 or 3 rows left over), with every operand and SiLU; with x * 0.01 + 1e4 as accurate as PyTorch's
+    own fp32 group_norm (within 2x)."""
     name, device = kernel_backend
     gen = torch.Generator().manual_seed(23)
-    N, C, G, H, W = 2, 16, 4, 48, 47
+    N = 2
     x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) * (0.01 if offset else 1.0) + offset
     w, b = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5, torch.randn(C, generator=gen, dtype=torch.float64)
     sc, sh = 1 + 0.2 * torch.randn(N, C, generator=gen, dtype=torch.float64), torch.randn(N, C, generator=gen,
@@ -523,11 +525,12 @@ def test_deterministic(kernel_backend, split_groups):
 
 @pytest.mark.cpu
 @pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
-@pytest.mark.parametrize("shape", [(2, 8, 2, (16, 16)), (1, 4, 1, (96, 96))])
-def test_cpu_independent_of_thread_count(shape):
+@pytest.mark.parametrize("shape,layout", [((2, 8, 2, (16, 16)), "contig"), ((1, 4, 1, (96, 96)), "contig"),
+                                          ((3, 24, 8, (29, 31)), "channels_last")])
+def test_cpu_independent_of_thread_count(shape, layout):
     """The CPU split depends on the shape only: results do not depend on the number of threads."""
     N, C, G, spatial = shape
-    kw = make_case(N, C, G, spatial, dtype=torch.bfloat16, pdtype=torch.float32, seed=53)
+    kw = make_case(N, C, G, spatial, dtype=torch.bfloat16, pdtype=torch.float32, seed=53, layout=layout)
     before = torch.get_num_threads()
     res = []
     try:
