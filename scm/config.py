@@ -573,7 +573,9 @@ def _digits(kind: str) -> Config:
     runs start from the teacher run's EMA (runs/digits-teacher, the default output of digits-teacher)."""
     # time_scale 10, not the networks' default 1000: with 1000 the time derivative in the JVP is large and
     # sCD from the same teacher reached FID-digits 52 (2-step) instead of 5.3 (measured, 800 steps).
-    model = ModelConfig("demo-digits8", {"num_classes": DIGITS_CLASSES, "time_scale": 10.0})
+    # channels_last: NHWC feature maps, ~16% faster sCT steps on this project's 2-core CPU (batch 128:
+    # 200 -> 168 ms, measured alternately in one process)
+    model = ModelConfig("demo-digits8", {"num_classes": DIGITS_CLASSES, "time_scale": 10.0, "channels_last": True})
     data = DataConfig(source="digits", resolution=8, channels=1, use_labels=True, hflip=False)
     ema = EMAConfig(halflife_kimg=25.0, rampup_ratio=0.1)
     if kind == "teacher":

@@ -104,6 +104,8 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
         block_types: classes to shard one by one (nested ones are sharded with their outer block).
     Mixed precision: use autocast (as scm.training does), not FSDP2's MixedPrecisionPolicy: FSDP2
     casts a module's inputs in its forward hooks, which the per-layer JVP pass does not go through.
+    Channels-last networks (UNet(channels_last=True)): FSDP2 shards contiguous parameters only, so the
+    convolution weights are made contiguous (NCHW) first; the feature maps stay channels-last.
     The process group must be initialized (torchrun; gloo on CPU, nccl on GPUs). Every rank must call
     shard_model on identical models (same seed) and then run the same forwards (collectives)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -115,6 +117,10 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
         raise TypeError(f"scm.distributed.shard_model: reshard_after_forward must be a bool, got "
                         f"{reshard_after_forward!r}")
     types = tuple(block_types) if block_types is not None else default_block_types()
+    with torch.no_grad():  # FSDP2: "does not support non-contiguous parameters" (channels-last weights)
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     kw = {"reshard_after_forward": reshard_after_forward}
     if mesh is not None:
         kw["mesh"] = mesh

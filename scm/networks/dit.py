@@ -84,6 +84,8 @@ class DiT(nn.Module):
         guidance_input: extra guidance-scale input (sCD students of a CFG teacher).
         time_scale: s of the time embedding (A10). pos_dim: width of the sinusoidal embeddings.
         backend: None/"auto" or a backend for every fused op ("reference": plain PyTorch).
+        channels_last: the patch embedding reads the image channels-last (weight and input; its
+            tokens then come out contiguous), as UNet(channels_last=True) does for every layer.
     """
 
     # forward_jvp's F is differentiable exactly as forward's: SCMLoss may merge its passes (scm.losses)
@@ -93,9 +95,12 @@ class DiT(nn.Module):
                  patch_size: int = 2, dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, qk_norm: bool = False, num_classes: int = 0,
                  guidance_input: bool = False, time_scale: float = 1000.0, pos_dim: int = 256,
-                 backend: str | None = None):
+                 backend: str | None = None, channels_last: bool = False):
         super().__init__()
         backend = check_backend(backend, OP)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"{OP}: channels_last must be a bool, got {channels_last!r}")
+        self.channels_last = channels_last
         for name, v, lo in (("img_resolution", img_resolution, 1), ("in_channels", in_channels, 1),
                             ("patch_size", patch_size, 1), ("dim", dim, 4), ("depth", depth, 1),
                             ("num_heads", num_heads, 1), ("num_classes", num_classes, 0),
@@ -128,6 +133,8 @@ class DiT(nn.Module):
         for lin in (self.final_ada, self.final):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if channels_last:
+            self.patch.to(memory_format=torch.channels_last)
 
     def set_backend(self, backend: str | None) -> DiT:
         """Route every fused op to `backend` (None/"auto": automatic; "reference": plain PyTorch)."""
@@ -146,6 +153,8 @@ class DiT(nn.Module):
             raise ValueError(f"{OP}: t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
 
     def _patchify(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(self.patch.weight.dtype)
 
     def _head(self, h, c):

@@ -54,7 +54,8 @@ def test_override_parses_by_annotation():
                        "model.channel_mult=1,2", "ema.power_stds=0.05", "name=mine", "run.backend=reference"])
     assert c.optim.lr == 2e-4 and isinstance(c.optim.lr, float)
     assert c.run.steps == 100 and isinstance(c.run.steps, int)
-    assert c.model.kwargs == {"num_classes": 10, "time_scale": 10.0, "dropout": 0.1, "channel_mult": (1, 2)}
+    assert c.model.kwargs == {"num_classes": 10, "time_scale": 10.0, "channels_last": True, "dropout": 0.1,
+                              "channel_mult": (1, 2)}
     assert c.optim.betas == (0.9, 0.999)
     assert c.loss.teacher is None and c.data.hflip is True and c.loss.weighting is False
     assert c.ema.rampup_ratio is None and c.ema.power_stds == (0.05,) and c.name == "mine"
