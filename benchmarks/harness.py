@@ -536,7 +536,9 @@ def make_callable(
         out = _first_tensor(g(**kw))  # also the warm-up / compile of the training graph
         if not out.requires_grad:
             raise Unavailable(f"output of {provider} does not require grad")
-        dy = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=gen)
+        # in the output's memory layout (channels_last stays channels_last), as a network's upstream
+        # gradient is: a contiguous dy would add a layout-transposing copy to every provider's backward
+        dy = torch.empty_like(out).normal_(generator=gen)
         if mode == "bwd":  # retained graph, only the backward is timed
             return (lambda: torch.autograd.grad(out, wrt, dy, retain_graph=True)), backend_name
 
