@@ -324,7 +324,7 @@ class SCMLoss(nn.Module):
             grad enabled is the gradient pass: F^- = F.detach(), one network forward fewer; needs
             the gradient pass to go through `model` itself, no other jvp_model) or "auto" (merged
             for a model with ``forward_jvp_differentiable = True`` on the "layer" path, with no other
-            jvp_model and no FSDP-sharded module; separate otherwise). The same F^-, loss and
+            jvp_model, no FSDP-sharded module and not torch.compile'd; separate otherwise). The same F^-, loss and
             gradients either way, up to the rounding of the tangent's ops (tested). With
             jvp="func", "merged" holds the tangent's autograd graph of the whole model until the
             loss is formed (more memory); the per-layer path frees it block by block.
@@ -407,7 +407,9 @@ class SCMLoss(nn.Module):
                                  "passes='separate' or 'auto'")
             return True
         layer = self.jvp == "layer" or (self.jvp == "auto" and isinstance(model, SupportsForwardJVP))
-        return (layer and (jvp_model is None or jvp_model is model)
+        # a torch.compile'd model (OptimizedModule, `_orig_mod`) keeps two passes: its forward_jvp is the
+        # eager module's, and merging would take the gradient pass out of the compiled forward
+        return (layer and (jvp_model is None or jvp_model is model) and not hasattr(model, "_orig_mod")
                 and getattr(model, "forward_jvp_differentiable", False) is True and not _fsdp_sharded(model))
 
     def _draw_guidance(self, B, device, dtype, generator):

@@ -287,6 +287,7 @@ def test_merged_passes_rules_and_errors():
     assert SCMLoss(passes="merged").merges(toy, jvp_model=toy)
     with torch.no_grad():
         assert not auto.merges(net)
+    assert not auto.merges(torch.compile(net))  # the gradient pass stays in the compiled forward
     with pytest.raises(ValueError, match="passes='merged' takes the gradient pass"):
         SCMLoss(passes="merged", warmup_steps=0)(toy, torch.randn(4, 3), jvp_model=Declared(3, 8, 4))
     with pytest.raises(ValueError, match="passes must be one of"):
