@@ -387,14 +387,20 @@ def test_layer_jvp_wrt_parameters_and_reverse_through_tangent(kind):
     assert torch.allclose(*grads, rtol=1e-12, atol=1e-12)
 
 
-def test_nearest_upsample_equals_interpolate():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nearest_upsample_equals_interpolate(channels_last):
     from scm.networks.layers import _resample
-    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    x = torch.randn(2, 3, 5, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y, y2 = _resample(x, "up"), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
-    assert torch.equal(y, y2)
+    assert torch.equal(y, y2) and y.is_contiguous(memory_format=torch.channels_last) == channels_last
     g = torch.randn_like(y)
     ga, gb = (torch.autograd.grad(a, x, g)[0] for a in (y, y2))
     assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-6)  # sums of 4 values, in another order
+    d = torch.randn_like(x)
+    assert torch.equal(torch.func.jvp(lambda a: _resample(a, "up"), (x.detach(),), (d,))[1], _resample(d, "up"))
 
 
 @pytest.mark.parametrize("preset", ["demo-digits8", "demo-dit"])
