@@ -67,7 +67,8 @@ class UNet(nn.Module):
             (the fused group_norm and attention read it without copies; torch.func.jvp of PyTorch's
             own F.group_norm cannot, which makes the reference ops slower in it). Outputs are returned
             contiguous (NCHW). Measured on this project's 2-core CPU (oneDNN convolutions), sCT step
-            of demo-32 at batch 64, fused ops: 922 -> 780 ms. Same numbers up to rounding (tested).
+            of demo-32 at batch 64, fused ops: 909 -> 753 ms (medians of interleaved steps). Same numbers
+            up to rounding (tested).
     """
 
     # forward_jvp's F is differentiable exactly as forward's: SCMLoss may merge its passes (scm.losses)
