@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     dm = sub.add_parser("demo", help="the end-to-end digits demo (teacher, sCD, sCT, samples, FID table)")
-    dm.add_argument("--quick", action="store_true", help="about 3 minutes instead of 15")
+    dm.add_argument("--quick", action="store_true", help="about 2 minutes instead of 8")
     dm.add_argument("--out", default="scm-demo", help="output folder (default scm-demo)")
     dm.set_defaults(func=_cmd_demo)
 

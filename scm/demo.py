@@ -12,7 +12,7 @@ inside the package, nothing is downloaded).
 
     scm demo [--quick] [--out DIR]         (python -m scm.demo works too)
 
-The default run takes about 15 minutes on 2 CPU cores, --quick about 3 (fewer steps and samples;
+The default run takes about 8 minutes on 2 CPU cores, --quick about 2 (fewer steps and samples;
 its numbers are a smoke test, not the method's quality).
 """
 
@@ -170,7 +170,7 @@ def main(out="scm-demo", quick: bool = False, progress: bool = True, seed: int =
 
 def _cli(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m scm.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="about 3 minutes instead of 15")
+    p.add_argument("--quick", action="store_true", help="about 2 minutes instead of 8")
     p.add_argument("--out", default="scm-demo", help="output folder (default: scm-demo)")
     a = p.parse_args(argv)
     main(a.out, quick=a.quick)
