@@ -174,15 +174,11 @@ class AttentionJvpFunction(torch.autograd.Function):
             "implemented; differentiate scm_kernels.attention with torch.func.jvp instead, or use backend='reference'")
 
 
-class AttentionPrimalJvpFunction(torch.autograd.Function):
-    """attention_jvp(..., differentiable_tangent=False): one fused pass (A25) computes the primal and
-    the tangent; only the primal is differentiable, so the backward is the primal's (A26) and only
-    what it needs is saved (q, k, v, out, lse: no tangents, as after `attention`). For a JVP pass
-    whose primal is also the gradient pass (sCM with F^- = F, scm.SCMLoss(passes="merged"))."""
-
-    @staticmethod
-    def forward(q, k, v, tq, tk, tv, mask, is_causal, scale, name, precision):
-        return _jvp(name, q, k, v, tq, tk, tv, mask, is_causal, scale, precision=precision)
+class AttentionPrimalJvpFunction(AttentionJvpFunction):
+    """attention_jvp(..., differentiable_tangent=False): the same fused pass (A25) as
+    AttentionJvpFunction, but only the primal is differentiable, so the backward is `attention`'s
+    (A26) and only what it needs is saved (q, k, v, out, lse: no tangents). For a JVP pass whose
+    primal is also the gradient pass (sCM with F^- = F, scm.SCMLoss(passes="merged"))."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -190,24 +186,14 @@ class AttentionPrimalJvpFunction(torch.autograd.Function):
         out, out_tangent, lse, mu = output
         ctx.mark_non_differentiable(out_tangent, lse, mu)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.save_for_backward(q, k, v, out, lse, mask)  # AttentionFunction's saved tensors and consts
         ctx.consts = (bool(is_causal), float(scale), name, precision)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_out_tangent, _grad_lse, _grad_mu):
         if grad_out is None:
             return (None,) * 11
-        q, k, v, out, lse, mask = _detached(ctx.saved_tensors)
-        is_causal, scale, name, precision = ctx.consts
-        dq, dk, dv = _bwd(name, inner(grad_out.detach()), q, k, v, out, lse, mask, is_causal, scale,
-                          precision=precision)
-        return (dq, dk, dv) + (None,) * 8
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "scm_kernels.attention_jvp(differentiable_tangent=False): forward-mode AD through it is not "
-            "implemented; differentiate scm_kernels.attention with torch.func.jvp instead")
+        return AttentionFunction.backward(ctx, grad_out, None)[:3] + (None,) * 8
 
 
 # Fake (meta) implementations so that torch.compile can trace the schema ops (absent from an
