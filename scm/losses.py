@@ -63,7 +63,7 @@ from scm_kernels.time_embedding import reference as _time_embedding_ref
 __all__ = [
     "AdaptiveWeighting", "DiffusionLossOutput", "PASSES", "SCMLoss", "SCMLossOutput", "SupportsForwardJVP",
     "TrigFlowDiffusionLoss", "block_jvp", "detach_tangents", "fork_rng_state", "model_jvp",
-    "tangents_without_grad",
+    "tangent_arithmetic", "tangents_without_grad",
 ]
 
 PASSES = ("auto", "merged", "separate")
@@ -109,6 +109,12 @@ def tangents_without_grad():
 def detach_tangents() -> bool:
     """True inside `tangents_without_grad`."""
     return _TANGENTS_WITHOUT_GRAD.get()
+
+
+def tangent_arithmetic():
+    """The context for a block's tangent-only arithmetic outside block_jvp: torch.no_grad() inside
+    `tangents_without_grad` (no tangent graph is kept), nothing otherwise."""
+    return torch.no_grad() if _TANGENTS_WITHOUT_GRAD.get() else contextlib.nullcontext()
 
 
 def _detached(tree):
@@ -462,17 +468,16 @@ class SCMLoss(nn.Module):
         x_dot = per_sample(cs, x0).to(x0.dtype) * dxt_dt / sd
         rng = fork_rng_state(dev)
         t_dot = None if self.semi_continuous else cs  # (A18): exact in x, finite difference in t
-        if self.merges(model, jvp_model):
-            # One pass: the JVP pass with grad enabled is the gradient pass; F^- = F's value.
+        merged = self.merges(model, jvp_model)
+        if merged:  # one pass: the JVP pass with grad enabled is the gradient pass; F^- = F's value
             with tangents_without_grad():
                 F, J = model_jvp(model, x_in, t, x_dot, t_dot, student_kw, self.jvp)
             F_minus, J = F.detach(), J.detach()
-            after = fork_rng_state(dev)  # the RNG as after one pass, restored after A18's passes
         else:
             with torch.no_grad():
                 F_minus, J = model_jvp(jm, x_in, t, x_dot, t_dot, student_kw, self.jvp)
-            after = None
         if self.semi_continuous:
+            after = fork_rng_state(dev) if merged else None  # the RNG as after one pass
             h = self.fd_step
             t_hi = (t + h).clamp(max=math.pi / 2)
             t_lo = (t - h).clamp(min=0.0)
@@ -482,11 +487,11 @@ class SCMLoss(nn.Module):
                 rng.restore()
                 F_lo = jm(x_in, t_lo, **student_kw)
             J = J + per_sample(cs / (t_hi - t_lo), J).to(J.dtype) * (F_hi - F_lo)
-        if after is None:
+            if after is not None:
+                after.restore()
+        if not merged:
             rng.restore()
             F = model(x_in, t, **student_kw)  # the gradient pass: same dropout masks as the JVP pass
-        else:
-            after.restore()
 
         # Non-finite samples (fp16 JVP overflow, a bad teacher output): out of the mean, counted.
         if self.nonfinite == "ignore":

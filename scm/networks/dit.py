@@ -14,13 +14,11 @@ through scm_kernels.attention_jvp (A24-A25).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.losses import block_jvp, detach_tangents
+from scm.losses import block_jvp, tangent_arithmetic
 from scm.networks.layers import (ConditionEmbedding, Conv2d, Linear, attention_tokens_jvp, check_backend,
                                  set_backend, sincos_2d)
 from scm_kernels.nn import Attention
@@ -63,8 +61,7 @@ class DiTBlock(nn.Module):
 
         (a, gate), (a_dot, gate_dot) = block_jvp(pre, (x, c), (x_dot, c_dot))
         y, y_dot = attention_tokens_jvp(self.attn, a, a_dot)
-        # SCMLoss's merged pass: the tangent carries no autograd graph
-        with torch.no_grad() if detach_tangents() else contextlib.nullcontext():
+        with tangent_arithmetic():
             x_dot = x_dot + gate_dot * y + gate * y_dot
         x = x + gate * y
         return block_jvp(self._mlp_part, (x, c), (x_dot, c_dot))

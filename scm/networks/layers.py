@@ -14,15 +14,13 @@ networks rewrites it everywhere.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
 import scm_kernels
-from scm.losses import block_jvp, detach_tangents
+from scm.losses import block_jvp, detach_tangents, tangent_arithmetic
 from scm_kernels.group_norm import group_norm
 from scm_kernels.nn import AdaptiveGroupNorm, Attention
 from scm_kernels.time_embedding import reference as _time_embedding_ref
@@ -257,12 +255,11 @@ def attention_tokens_jvp(attn: Attention, tokens: torch.Tensor, tokens_dot: torc
     if attn.to_qkv is None:
         raise ValueError("attention_tokens_jvp: only self-attention layers (no context_dim)")
     detach = detach_tangents()
-    tangent_grad = contextlib.nullcontext() if not detach else torch.no_grad()
     B, N, _ = tokens.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     widths = (Hq * D, Hkv * D, Hkv * D)
     qkv = attn.to_qkv(tokens)
-    with tangent_grad:
+    with tangent_arithmetic():
         qkv_dot = F.linear(tokens_dot, attn.to_qkv.weight)
     (q, k, v), (qd, kd, vd) = qkv.split(widths, -1), qkv_dot.split(widths, -1)
     q, k, v = q.unflatten(-1, (Hq, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
@@ -276,7 +273,7 @@ def attention_tokens_jvp(attn: Attention, tokens: torch.Tensor, tokens_dot: torc
                                       precision=attn.precision, differentiable_tangent=not detach)
     o = o.transpose(1, 2).reshape(B, N, Hq * D)
     od = od.transpose(1, 2).reshape(B, N, Hq * D)
-    with tangent_grad:
+    with tangent_arithmetic():
         od = F.linear(od, attn.to_out.weight)
     return attn.to_out(o), od
 
