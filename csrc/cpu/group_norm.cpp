@@ -667,11 +667,16 @@ struct Scratch {
   float* at(int64_t i, int64_t cap) { return v.data() + i * cap; }
 };
 
+// v[j C + c] = v[c] for j in [1, R): v holds R C floats.
+inline void replicate(float* v, int64_t C, int64_t R) {
+  for (int64_t j = 1; j < R; ++j) std::copy(v, v + C, v + j * C);
+}
+
 // Channels-last coefficient of channel grp*Cg + (i % Cg), expanded over a block's rows.
 template <class F>
 void expand(const Geo& g, float* dst, F&& coef) {
   for (int64_t c = 0; c < g.Cg; ++c) dst[c] = coef(c);
-  for (int64_t j = 1; j < g.rows; ++j) std::copy(dst, dst + g.Cg, dst + j * g.Cg);
+  replicate(dst, g.Cg, g.rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,11 +765,6 @@ struct ClChunks {
 constexpr int64_t kClRowElems = 256;
 
 inline int64_t cl_rep(int64_t C) { return std::max<int64_t>(1, kClRowElems / C); }
-
-// v[j C + c] = v[c] for j in [1, R): v holds R C floats.
-inline void replicate(float* v, int64_t C, int64_t R) {
-  for (int64_t j = 1; j < R; ++j) std::copy(v, v + C, v + j * C);
-}
 
 // v[c] = sum_j v[j C + c] (in j order): the R copies of an accumulator folded into the first.
 inline void fold_copies(float* v, int64_t C, int64_t R) {
