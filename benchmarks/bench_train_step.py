@@ -145,7 +145,7 @@ class TrainStep:
     def __init__(self, net: str, backend: str | None, jvp: str = "auto", sdpa_math: bool = False,
                  channels_last: bool | None = None):
         self.net, self.backend, self.jvp, self.sdpa_math = net, backend, jvp, sdpa_math
-        self.channels_last = channels_last  # None: layout(provider, device) at the first call
+        self.channels_last = channels_last  # None: channels_last_for(provider, device) at the first call
         self.state = None
         self.steps = 0
 
@@ -157,7 +157,7 @@ class TrainStep:
             cl = self.channels_last
             if cl is None:
                 cl = channels_last_for("scm" if self.backend is None else "reference", device)
-            model = scm.networks.create(self.net, **({"channels_last": True} if cl else {})).train()
+            model = scm.networks.create(self.net, channels_last=cl).train()
             loss_fn = scm.SCMLoss(sigma_d=SIGMA_D, warmup_steps=0, jvp=self.jvp, backend=self.backend,
                                   passes=os.environ.get("SCM_BENCH_PASSES", "auto"))
         model.set_backend(self.backend)
