@@ -21,13 +21,15 @@ dv̇ = Σ_i P_ij g_i, dq̇ = λ Σ_j dṡ_ij k_j, dk̇ = λ Σ_i dṡ_ij q_i. Th
 (what lets head dims up to 256 compile without register spills).
 
 Kernels (all deterministic: no atomics, every sum in a fixed order):
-  _attn_bwd_pre_kernel   one program per (query block, b·Hq): Δ' = dO·O + g·Ȯ and ν = g·O, fp32.
+  _attn_bwd_dq_kernel    one program per (query block, b·Hq): first the row statistic of its rows,
+                         Δ = dO·O (Δ' = dO·O + g·Ȯ), stored; then loops over the key blocks, dq.
   _attn_bwd_dkdv_kernel  one program per (key block, b·Hkv): loops over the G query heads of the
                          group and their query blocks (P recomputed, transposed tiles (BLOCK_N,
                          BLOCK_M)) and accumulates dk and/or dv in fp32 registers: GQA sums inside
                          one program. COMPUTE_DK / COMPUTE_DV split it in two where registers are
-                         short.
-  _attn_bwd_dq_kernel    one program per (query block, b·Hq): loops over the key blocks, dq.
+                         short. Launched after the dq kernel, whose Δ it reads.
+ν = g·O of (A27) is the Δ of the (A26) launch with dO := g, which runs first (see _run). There is
+no separate preprocessing kernel: every kernel here is matmul work on the tensor cores.
 HAS_G selects (A26) or (A27); in (A27) the constexpr switches HAS_DO/HAS_TQ/HAS_TK/HAS_TV compile
 in the terms of dO, q̇, k̇, v̇. A compiled-in operand that is absent at run time (bit of `flags`)
 is read as zeros (loads predicated off); see JVP_PRESENCE for which patterns are compiled.
@@ -57,6 +59,10 @@ from scm_kernels._spec import spec
 
 LOG2E = 1.4426950408889634
 PRECISIONS = ("ieee", "tf32")
+# tl.dot input_precision of each fp32 `precision`: "ieee" is fp32-accurate through tl.dot's 3xTF32
+# split on the tensor cores (as in the forward, triton_fwd.DOT_INPUT_PRECISION), not FMA-unit dots.
+DOT_PREC = {"ieee": "tf32x3", "tf32": "tf32"}
+STAT_DC = tl.constexpr(32)  # column-slice width of the dq kernel's row-statistic loop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,42 +122,6 @@ def _mask_logits(s, mb_ptr, mf_ptr, mask_kind, a0, b0, stride_a, stride_b, n_a, 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_pre_kernel(
-    O, DO, OT, GT,  # (B, Hq, Nq, Dv): out, grad_out, out_tangent, grad_out_tangent (inner stride 1)
-    DELTA, NU,  # (B*Hq*Nq,) f32 out: Δ' = dO·O + g·Ȯ, ν = g·O
-    s_ob, s_oh, s_on, s_dob, s_doh, s_don, s_otb, s_oth, s_otn, s_gb, s_gh, s_gn,  # (b, h, n) strides
-    Hq, Nq, Dv, n_mblocks,
-    HAS_DO: tl.constexpr, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = (pid // n_mblocks).to(tl.int64)
-    m0 = (pid % n_mblocks) * BLOCK_M
-    b = bh // Hq
-    h = bh % Hq
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    nu = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, Dv, BLOCK_DC):
-        nc = Dv - c0
-        o = _load_tile(O + b * s_ob + h * s_oh + c0, m0, s_on, Nq, nc, BLOCK_M, BLOCK_DC)
-        o = o.to(tl.float32)
-        if HAS_DO:
-            do = _load_tile(DO + b * s_dob + h * s_doh + c0, m0, s_don, Nq, nc, BLOCK_M, BLOCK_DC)
-            delta += tl.sum(do.to(tl.float32) * o, axis=1)
-        if HAS_G:
-            g = _load_tile(GT + b * s_gb + h * s_gh + c0, m0, s_gn, Nq, nc, BLOCK_M, BLOCK_DC)
-            g = g.to(tl.float32)
-            ot = _load_tile(OT + b * s_otb + h * s_oth + c0, m0, s_otn, Nq, nc, BLOCK_M, BLOCK_DC)
-            ot = ot.to(tl.float32)
-            delta += tl.sum(g * ot, axis=1)
-            nu += tl.sum(g * o, axis=1)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    rows = bh * Nq + offs_m
-    tl.store(DELTA + rows, delta, mask=offs_m < Nq)
-    if HAS_G:
-        tl.store(NU + rows, nu, mask=offs_m < Nq)
-
-
 @triton.jit(do_not_specialize=["flags", "causal_shift"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, TQ, TK, TV,  # inputs q (B,Hq,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) and their tangents
@@ -266,11 +236,13 @@ def _attn_bwd_dq_kernel(
     DO, GT,
     LSE, DELTA, MU, NU,
     MASKB, MASKF,
+    O, OT,  # (B, Hq, Nq, Dv) out and out_tangent, for the row statistic Δ (Δ') this kernel writes
     DQ,  # output like q
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_tqb, s_tqh, s_tqn, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
     s_dob, s_doh, s_don, s_gb, s_gh, s_gn,
     s_mb, s_mh, s_mq, s_mk,
+    s_ob, s_oh, s_on, s_otb, s_oth, s_otn,
     s_dqb, s_dqh, s_dqn,
     Hq, Hkv, Nq, Nk, D, Dv, n_mblocks,
     flags, causal_shift, scale, qk_scale2,
@@ -297,12 +269,26 @@ def _attn_bwd_dq_kernel(
     arange_n = tl.arange(0, BLOCK_N)
     rows = bh * Nq + offs_m
     row_ok = offs_m < Nq
+    # The row statistic of the block (FlashAttention-2's preprocessing pass, folded in here): Δ = dO·O,
+    # with HAS_G Δ' = dO·O + g·Ȯ, fp32 sums of the input-dtype products, read in STAT_DC-wide
+    # column slices before the resident tiles (so it adds no registers to the main loop). Stored for
+    # the dk/dv kernel, which the launcher runs after this one.
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, Dv, STAT_DC):
+        if DO_ON:
+            do_c = _load_tile(DO + b * s_dob + h * s_doh + c0, m0, s_don, nq_do, Dv - c0, BLOCK_M, STAT_DC)
+            o_c = _load_tile(O + b * s_ob + h * s_oh + c0, m0, s_on, nq_do, Dv - c0, BLOCK_M, STAT_DC)
+            delta += tl.sum(do_c.to(tl.float32) * o_c.to(tl.float32), axis=1)
+        if HAS_G:
+            g_c = _load_tile(GT + b * s_gb + h * s_gh + c0, m0, s_gn, Nq, Dv - c0, BLOCK_M, STAT_DC)
+            ot_c = _load_tile(OT + b * s_otb + h * s_oth + c0, m0, s_otn, Nq, Dv - c0, BLOCK_M, STAT_DC)
+            delta += tl.sum(g_c.to(tl.float32) * ot_c.to(tl.float32), axis=1)
+    tl.store(DELTA + rows, delta, mask=row_ok)
     # The query-block tiles: loaded once, reused for every key block.
     q = _load_tile(Q + b * s_qb + h * s_qh, m0, s_qn, Nq, D, BLOCK_M, BLOCK_D)
     if DO_ON:
         do = _load_tile(DO + b * s_dob + h * s_doh, m0, s_don, nq_do, Dv, BLOCK_M, BLOCK_DV)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     if HAS_G:
         g = _load_tile(GT + b * s_gb + h * s_gh, m0, s_gn, Nq, Dv, BLOCK_M, BLOCK_DV)
         mu = tl.load(MU + rows, mask=row_ok, other=0.0)
@@ -357,7 +343,6 @@ def _attn_bwd_dq_kernel(
 # Configurations
 # ---------------------------------------------------------------------------------------------
 HEAD_BUCKETS = (64, 128, 256)  # BLOCK_D = BLOCK_DV = the bucket of max(D, Dv)
-PRE_BLOCK_M, PRE_BLOCK_DC, PRE_WARPS, PRE_STAGES = 32, 32, 4, 1  # the row-statistics kernel
 
 
 def _block_d(d: int) -> int:
@@ -368,22 +353,26 @@ def _block_d(d: int) -> int:
 # Tiles of one launch family: ((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv kernel, the
 # same of the dq kernel, SPLIT: dk and dv computed by two programs instead of one), keyed by
 # (head-dim bucket, (A27) kernels?, fp32 "ieee"?, fp32 "tf32"?) - 16-bit inputs are (.., False,
-# False). The same tiles serve sm_80 and sm_90: each was found by compiling candidate tiles,
-# largest first, for both (python -m scm_kernels.aot) and keeping the first without register
-# spills. Triton keeps the transposed matmul operands (k^T, v^T, ...) in registers, replicated over
-# the warps, so at head dims >= 128 only small tiles fit. None: no candidate compiled without
-# spills; those calls run `_blockwise` (PyTorch matmuls over query blocks) instead of kernels.
+# False). The same tiles serve sm_80 and sm_90: each was found by compiling a grid of candidate
+# tiles (BLOCK_M, BLOCK_N in 16..128, 4 or 8 warps, 1 or 2 stages) for both and keeping a large
+# one without register spills (the compile report of python -m scm_kernels.aot); they are not yet
+# timed on a GPU (benchmarks.tune_attention --kernels bwd,jvp_bwd does that). What limits them:
+# Triton converts a transposed operand (k^T, v^T, ...) into a register layout holding all of
+# BLOCK_D x BLOCK_N per warp, and a tile of fewer than 16 x num_warps rows spreads its warps over
+# the columns, so that every warp holds the whole row operand; fp32 "ieee" dots (3xTF32, DOT_PREC)
+# need about twice the registers of TF32 ones. None: no candidate compiled without spills; those
+# calls run `_blockwise` (PyTorch matmuls over query blocks) instead of kernels.
 _T16, _TF32, _IEEE = (False, False), (False, True), (True, False)
 GPU_CONFIGS = {
     # (A26) and the tangent gradients of (A27)
     (64, False, *_T16): ((32, 128, 8, 2), (128, 32, 8, 2), False),
-    (128, False, *_T16): ((16, 16, 4, 2), (32, 32, 4, 2), False),
+    (128, False, *_T16): ((16, 16, 4, 2), (32, 32, 8, 2), False),
     (256, False, *_T16): ((16, 16, 4, 1), (16, 32, 4, 1), False),
     (64, False, *_TF32): ((16, 128, 8, 2), (128, 32, 8, 2), False),
     (128, False, *_TF32): ((16, 16, 4, 2), (16, 32, 4, 2), False),
     (256, False, *_TF32): ((16, 16, 4, 1), (16, 16, 4, 1), False),
-    (64, False, *_IEEE): ((16, 32, 4, 2), (128, 16, 8, 2), False),
-    (128, False, *_IEEE): ((16, 16, 4, 2), (16, 16, 4, 2), True),
+    (64, False, *_IEEE): ((16, 32, 8, 1), (16, 64, 8, 1), False),
+    (128, False, *_IEEE): ((16, 16, 8, 2), (16, 32, 8, 1), True),
     (256, False, *_IEEE): None,
     # dq, dk, dv of (A27)
     (64, True, *_T16): ((16, 128, 8, 2), (128, 16, 8, 2), False),
@@ -458,10 +447,11 @@ def _mask_args(mask, lse):
     raise TypeError(f"mask must be bool or float32, got {mask.dtype}")
 
 
-def _launch(do, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv, presence, cfg,
-            prec, upcast):
-    """The dk/dv and dq kernels for the outputs that are not None. g None: (A26) with upstream do;
-    else the (dq, dk, dv) of (A27), `presence` (HAS_DO, HAS_TQ, HAS_TK, HAS_TV) compiled in."""
+def _launch(do, g, q, k, v, tq, tk, tv, out, out_t, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv,
+            presence, cfg, prec, upcast):
+    """The dq kernel (which also writes the row statistic `delta`: Δ = dO·O, or Δ' = dO·O + g·Ȯ
+    with g; without dq, PyTorch computes it), then the dk/dv kernel for the outputs that are not None. g None: (A26) with upstream
+    do; else the (dq, dk, dv) of (A27), `presence` (HAS_DO, HAS_TQ, HAS_TK, HAS_TV) compiled in."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     has_g = g is not None
@@ -472,10 +462,19 @@ def _launch(do, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, sca
            delta if nu is None else nu, mb, mf)
     in_strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(tq), *_s3(tk), *_s3(tv), *_s3(do), *_s3(g), *m_strides)
     sw = dict(HAS_G=has_g, HAS_DO=presence[0], HAS_TQ=presence[1], HAS_TK=presence[2], HAS_TV=presence[3],
-              BLOCK_D=_block_d(max(D, Dv)), BLOCK_DV=_block_d(max(D, Dv)), PREC=prec, UPCAST=upcast)
+              BLOCK_D=_block_d(max(D, Dv)), BLOCK_DV=_block_d(max(D, Dv)), PREC=DOT_PREC[prec], UPCAST=upcast)
     tail = (Hq, Hkv, Nq, Nk, D, Dv)
     shift = 1 if is_causal else Nk
     (bm1, bn1, w1, st1), (bm2, bn2, w2, st2), split = cfg
+    if dq is None:  # (only the tangent launch without q̇) Δ without the dq kernel
+        delta.copy_(_row_statistic(do, g, out, out_t))
+    else:
+        n_mb = triton.cdiv(Nq, bm2)
+        ot = out_t if has_g else out
+        _attn_bwd_dq_kernel[(B * Hq * n_mb,)](
+            *ins, out, ot, dq, *in_strides, *_s3(out), *_s3(ot), *_s3(dq), *tail, n_mb, flags, shift, scale,
+            scale * LOG2E, BLOCK_M=bm2, BLOCK_N=bn2, **sw, num_warps=w2, num_stages=st2,
+        )
     if dk is not None or dv is not None:
         n_nb = triton.cdiv(Nk, bn1)
         if split:
@@ -492,12 +491,18 @@ def _launch(do, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, sca
                 COMPUTE_DK=comp_dk, COMPUTE_DV=comp_dv, BLOCK_M=bm1, BLOCK_N=bn1, **sw,
                 num_warps=w1, num_stages=st1,
             )
-    if dq is not None:
-        n_mb = triton.cdiv(Nq, bm2)
-        _attn_bwd_dq_kernel[(B * Hq * n_mb,)](
-            *ins, dq, *in_strides, *_s3(dq), *tail, n_mb, flags, shift, scale, scale * LOG2E,
-            BLOCK_M=bm2, BLOCK_N=bn2, **sw, num_warps=w2, num_stages=st2,
-        )
+
+
+def _row_statistic(do, g, out, out_t):
+    """Δ = dO·O (+ g·Ȯ with g) in fp32 over (B, Hq, Nq), as the dq kernel computes it (products of
+    the input-dtype values, summed in fp32): the blockwise fallback's preprocessing."""
+    f = torch.float32
+    delta = torch.zeros(out.shape[:3], dtype=f, device=out.device)
+    if do is not None:
+        delta += (do.to(f) * out.to(f)).sum(-1)
+    if g is not None:
+        delta += (g.to(f) * out_t.to(f)).sum(-1)
+    return delta
 
 
 FORCE_BLOCKWISE = False  # tests: run the blockwise fallback instead of the kernels
@@ -610,36 +615,29 @@ def _run(grad_out, g, q, k, v, tq, tk, tv, out, out_t, lse, mu, mask, is_causal,
             return None
         return tuple(INTERPRETER_CONFIG) if interp else _gpu_config(bd, jvp, q.dtype, prec)
 
-    def launch(*args, cfg):
+    def launch(do, g, tq, tk, tv, delta, mu, nu, dq, dk, dv, presence, cfg):
+        """One launch family; writes `delta` (its row statistic) and the outputs not None."""
+        args = (q, k, v, tq, tk, tv)
         if cfg is None:  # no spill-free kernel configuration for this case
-            _blockwise(*args[:18])
+            delta.copy_(_row_statistic(do, g, out, out_t))
+            _blockwise(do, g, *args, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv)
         else:
-            _launch(*args, cfg, prec, upcast)
+            _launch(do, g, *args, out, out_t, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv, presence,
+                    cfg, prec, upcast)
 
-    # Row statistics: Δ = dO·O, or Δ' = dO·O + g·Ȯ and ν = g·O
+    # Row statistics, written by the first launch of each family: Δ = dO·O, or Δ' = dO·O + g·Ȯ and ν = g·O
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
-    nu = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if has_g else delta
-    n_pre = triton.cdiv(Nq, PRE_BLOCK_M)
-    _attn_bwd_pre_kernel[(B * Hq * n_pre,)](
-        out, grad_out if has_do else out, out_t if has_g else out, g if has_g else out, delta, nu,
-        *_s3(out), *_s3(grad_out), *_s3(out_t if has_g else None), *_s3(g),
-        Hq, Nq, Dv, n_pre,
-        HAS_DO=has_do, HAS_G=has_g, BLOCK_M=PRE_BLOCK_M, BLOCK_DC=PRE_BLOCK_DC, num_warps=PRE_WARPS,
-        num_stages=PRE_STAGES,
-    )
     primal = (True, False, False, False)
     if not has_g:
-        launch(grad_out, None, q, k, v, None, None, None, lse, delta, None, None, mask, is_causal, scale,
-               dq, dk, dv, primal, cfg=cfg(False))
+        launch(grad_out, None, None, None, None, delta, None, None, dq, dk, dv, primal, cfg=cfg(False))
         return dq, dk, dv, None, None, None
-    # tangent gradients: (A26) with upstream g
-    launch(g, None, q, k, v, None, None, None, lse, nu, None, None, mask, is_causal, scale,
-           dtq, dtk, dtv, primal, cfg=cfg(False))
+    # tangent gradients: (A26) with upstream g, whose Δ is ν
+    nu = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+    launch(g, None, None, None, None, nu, None, None, dtq, dtk, dtv, primal, cfg=cfg(False))
     # dq, dk, dv of (A27)
     mu = mu.contiguous()
     presence = _presence(has_do, tq is not None, tk is not None, tv is not None, interp)
-    launch(grad_out, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv, presence,
-           cfg=cfg(True))
+    launch(grad_out, g, tq, tk, tv, delta, mu, nu, dq, dk, dv, presence, cfg=cfg(True))
     return dq, dk, dv, dtq, dtk, dtv
 
 
@@ -692,8 +690,8 @@ def _main_signature(kind: str, dtype) -> dict:
         sig.update({p: t for p in ("DK", "DV")})
         out_strides = ("s_dkb", "s_dkh", "s_dkn", "s_dvb", "s_dvh", "s_dvn")
     else:
-        sig.update({p: t for p in ("DQ",)})
-        out_strides = ("s_dqb", "s_dqh", "s_dqn")
+        sig.update({p: t for p in ("O", "OT", "DQ")})
+        out_strides = ("s_ob", "s_oh", "s_on", "s_otb", "s_oth", "s_otn", "s_dqb", "s_dqh", "s_dqn")
     sig.update({s: "i32" for s in _IN_STRIDES + out_strides})
     sig.update({s: "i32" for s in ("Hq", "Hkv", "Nq", "Nk", "D", "Dv",
                                    "n_nblocks" if kind == "dkdv" else "n_mblocks", "flags", "causal_shift")})
@@ -704,51 +702,29 @@ def _main_signature(kind: str, dtype) -> dict:
     return sig
 
 
-def _pre_signature(dtype) -> dict:
-    t = _TT[dtype]
-    sig = {"O": t, "DO": t, "OT": t, "GT": t, "DELTA": "*fp32", "NU": "*fp32"}
-    ints = ("s_ob", "s_oh", "s_on", "s_dob", "s_doh", "s_don", "s_otb", "s_oth", "s_otn",
-            "s_gb", "s_gh", "s_gn", "Hq", "Nq", "Dv", "n_mblocks")
-    sig.update({s: "i32" for s in ints})
-    sig.update({c: "constexpr" for c in ("HAS_DO", "HAS_G", "BLOCK_M", "BLOCK_DC")})
-    return sig
-
-
 def main_specs(dtype, prec: str, bd: int, presence, tiles) -> list:
     """The dk/dv and dq specs of one launch family: dtype, fp32 precision, head-dim bucket,
     presence = None for (A26) or (HAS_DO, HAS_TQ, HAS_TK, HAS_TV) for (A27), and its tiles."""
     (bm1, bn1, w1, st1), (bm2, bn2, w2, st2), split = tiles
-    mma = not (dtype == torch.float32 and prec == "ieee")  # fp32 "ieee" dots run on the FMA units
     pres = (True, False, False, False) if presence is None else presence
     base = dict(HAS_G=presence is not None, HAS_DO=pres[0], HAS_TQ=pres[1], HAS_TK=pres[2], HAS_TV=pres[3],
-                BLOCK_D=bd, BLOCK_DV=bd, PREC=prec, UPCAST=False)
+                BLOCK_D=bd, BLOCK_DV=bd, PREC=DOT_PREC[prec], UPCAST=False)
     out = []
     for comp_dk, comp_dv in (((True, False), (False, True)) if split else ((True, True),)):
         out.append(spec("attention", _attn_bwd_dkdv_kernel, _main_signature("dkdv", dtype),
                         {**base, "BLOCK_M": bm1, "BLOCK_N": bn1, "COMPUTE_DK": comp_dk,
-                         "COMPUTE_DV": comp_dv}, num_warps=w1, num_stages=st1, expects_mma=mma))
+                         "COMPUTE_DV": comp_dv}, num_warps=w1, num_stages=st1, expects_mma=True))
     out.append(spec("attention", _attn_bwd_dq_kernel, _main_signature("dq", dtype),
                     {**base, "BLOCK_M": bm2, "BLOCK_N": bn2}, num_warps=w2, num_stages=st2,
-                    expects_mma=mma))
-    return out
-
-
-def pre_specs() -> list:
-    """The row-statistics kernel: per dtype, for (HAS_DO, HAS_G) in the three launchable patterns."""
-    out = []
-    for dtype in _TT:
-        for has_do, has_g in ((True, False), (True, True), (False, True)):
-            out.append(spec("attention", _attn_bwd_pre_kernel, _pre_signature(dtype),
-                            dict(HAS_DO=has_do, HAS_G=has_g, BLOCK_M=PRE_BLOCK_M, BLOCK_DC=PRE_BLOCK_DC),
-                            num_warps=PRE_WARPS, num_stages=PRE_STAGES))
+                    expects_mma=True))
     return out
 
 
 def _aot_specs() -> list:
-    """Every configuration the launchers can run on a GPU: the pre kernel, and per dtype, fp32
-    precision and head-dim bucket the (A26) family and the (A27) family of each JVP_PRESENCE
+    """Every configuration the launchers can run on a GPU: per dtype, fp32 precision and head-dim
+    bucket the (A26) family and the (A27) family of each JVP_PRESENCE
     pattern (families without a configuration run `_blockwise`, no kernel)."""
-    out = pre_specs()
+    out = []
     for dtype in _TT:
         for prec in (PRECISIONS if dtype == torch.float32 else ("tf32",)):
             for bd in HEAD_BUCKETS:

@@ -419,6 +419,35 @@ def _raw(name):
     return torch.ops.scm, ()
 
 
+# The Triton backward's launch variants that the GPU configurations select but the interpreter's
+# defaults do not: the blockwise PyTorch fallback (families without a spill-free tile), dk and dv
+# in two programs (split), and a compiled presence pattern that covers absent tangents (read as
+# zeros). Each must give the same gradients, including the row statistics Δ and ν that the dq
+# kernel writes (or PyTorch, without a dq kernel) for the dk/dv kernel.
+BWD_VARIANTS = {
+    "blockwise": dict(FORCE_BLOCKWISE=True),
+    "split dk/dv": dict(INTERPRETER_CONFIG=[(16, 32, 1, 1), (32, 16, 1, 1), True]),
+    "covering presence": dict(INTERPRETER_EXACT_PRESENCE=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(BWD_VARIANTS))
+@pytest.mark.parametrize("which", [(1, 1, 1), (0, 1, 1), (1, 0, 0), (0, 0, 1)], ids=str)
+@pytest.mark.parametrize("gouts", [(1, 1), (0, 1), (1, 0)], ids=str)
+def test_triton_backward_launch_variants(kernel_backend, variant, which, gouts, monkeypatch):
+    name, device = kernel_backend
+    if name != "triton":
+        pytest.skip("launch variants of the Triton backward")
+    from scm_kernels.attention import triton_bwd
+
+    for attr, value in BWD_VARIANTS[variant].items():
+        monkeypatch.setattr(triton_bwd, attr, value)
+    case = dict(B=1, Hq=4, Hkv=2, Nq=37, Nk=45, D=24, Dv=40, mask="bool", is_causal=True, seed=sum(which))
+    xs, kw, ts = make_case(**case, tangents=tuple(map(bool, which)))
+    check_jvp_backward(name, device, xs, kw, ts, torch.float32, gouts, case["seed"])
+    check_backward(name, device, xs, kw, torch.float32, case["seed"])
+
+
 @pytest.mark.parametrize("mask", [None, "bool", "additive"])
 def test_raw_ops_statistics(kernel_backend, mask):
     """lse (+inf on fully masked rows) and mu = rowsum(P * S_dot) of the schema ops; the output is
@@ -663,3 +692,16 @@ def test_opcheck(ns):
         (ops.attention_jvp_bwd.default, (None, g, q, k, v, None, ts[1], None, o2, t2, lse2, mu, m, True, 0.5, *extra)),
     ]:
         torch.library.opcheck(op, args)
+
+
+def test_every_gpu_kernel_expects_tensor_cores():
+    """Every attention kernel the launchers can run on a GPU is compiled by the AOT report with
+    expects_mma=True, so a build whose SASS has no HMMA/HGMMA fails there (fp32 "ieee" included:
+    it runs 3xTF32 dots, DOT_PREC). No elementwise pre-pass: the dq kernel writes Δ."""
+    pytest.importorskip("triton")
+    from scm_kernels.attention import triton_bwd, triton_kernels
+
+    specs = triton_kernels.AOT_SPECS
+    assert specs and all(s.expects_mma for s in specs), [s.config for s in specs if not s.expects_mma]
+    assert {s.kernel_name for s in triton_bwd.AOT_SPECS} == {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    assert triton_bwd.DOT_PREC == {"ieee": "tf32x3", "tf32": "tf32"}
