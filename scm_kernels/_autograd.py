@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 def traceable(fn_cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -37,3 +38,32 @@ def apply(fn_cls: type[torch.autograd.Function], traceable_cls: type[torch.autog
         return fn_cls.apply(*args)
     args = torch._functorch.utils.unwrap_dead_wrappers(args)
     return super(torch.autograd.Function, fn_cls).apply(*args)  # the C++ _FunctionBase.apply
+
+
+def forward_ad_through_backward(ctx, *grads) -> bool:
+    """Whether the backward of ctx's Function runs under forward-mode AD, so that its results need
+    tangents: inside torch.func.jvp (e.g. jvp over torch.func.grad: Hessian-vector products), or with
+    forward_ad dual tensors among `grads` and the saved tensors (a create_graph backward inside a
+    dual level). The kernels detach their inputs and have no forward-mode rule of their own
+    backward, so those tangents would be lost (silently zero) without this check. Cheap when
+    neither is active (the saved tensors are not unpacked)."""
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    if fwAD._current_level >= 0:
+        return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
+                   for t in (*grads, *ctx.saved_tensors))
+    return False
+
+
+def refuse_forward_over_reverse(op: str, ctx, *grads) -> None:
+    """NotImplementedError when the backward of `op` runs under forward-mode AD (see
+    forward_ad_through_backward): the tangent of its gradient would otherwise come out as zero."""
+    if forward_ad_through_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"scm_kernels.{op}: forward-mode AD through its backward (torch.func.jvp over torch.func.grad or "
+            "vjp, e.g. a Hessian-vector product; or forward_ad dual tensors with a create_graph backward) is not "
+            "implemented by the fused kernels; use backend='reference' for that computation")

@@ -26,6 +26,7 @@ import types
 import torch
 
 from scm_kernels import backend
+from scm_kernels._autograd import forward_ad_through_backward
 
 
 def inner(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,6 +100,27 @@ def _detached(tensors):
     return tuple(x.detach() if x is not None else None for x in tensors)
 
 
+def reference_backward(grad_out, q, k, v, mask, is_causal, scale):
+    """(A26) in differentiable plain PyTorch: (dq, dk, dv), so that forward-mode AD sees every
+    operation (forward-over-reverse). Materializes the (B, Hq, Nq, Nk) probabilities (O(N^2)
+    memory), in fp32 (fp64 for fp64 inputs)."""
+    from scm_kernels.attention import reference
+
+    f = torch.promote_types(q.dtype, torch.float32)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    qf, kf, vf, go = q.to(f), k.to(f), v.to(f), grad_out.to(f)
+    p = reference.softmax(reference.logits(qf, kf, mask, is_causal, scale, Hq != Hkv))
+    kk, vv = reference.expand_kv(kf, Hq), reference.expand_kv(vf, Hq)
+    dp = go @ vv.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq = scale * (ds @ kk)
+    dk = scale * (ds.transpose(-1, -2) @ qf)
+    dv = p.transpose(-1, -2) @ go
+    if Hq != Hkv:  # query head h reads kv head h // G: sum each group
+        dk, dv = (x.unflatten(1, (Hkv, Hq // Hkv)).sum(2) for x in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, mask, is_causal, scale, name, precision):
@@ -115,8 +137,11 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, mask = _detached(ctx.saved_tensors)
         is_causal, scale, name, precision = ctx.consts
+        if forward_ad_through_backward(ctx, grad_out):
+            q, k, v, _, _, mask = ctx.saved_tensors
+            return *reference_backward(grad_out, q, k, v, mask, is_causal, scale), None, None, None, None, None
+        q, k, v, out, lse, mask = _detached(ctx.saved_tensors)
         dq, dk, dv = _bwd(name, inner(grad_out.detach()), q, k, v, out, lse, mask, is_causal, scale,
                           precision=precision)
         return dq, dk, dv, None, None, None, None, None
@@ -158,6 +183,11 @@ class AttentionJvpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
+        if forward_ad_through_backward(ctx, grad_out, grad_out_tangent):
+            raise NotImplementedError(
+                "scm_kernels.attention_jvp: forward-mode AD through the backward of attention_jvp (e.g. "
+                "torch.func.jvp over torch.func.grad of a loss on the tangent, or forward_ad dual tensors with "
+                "a create_graph backward) is not implemented; use backend='reference'")
         saved = _detached(ctx.saved_tensors)
         q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = saved
         is_causal, scale, name, precision = ctx.consts

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import backend as _backend
+from scm_kernels._autograd import refuse_forward_over_reverse
 from scm_kernels._launch import KernelTable
 
 
@@ -51,6 +52,7 @@ class TimeEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_forward_over_reverse("time_embedding", ctx, grad)
         dim, max_period, time_scale, name = ctx.args
         t, freqs = _detached(*ctx.saved_tensors)
         need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_freqs

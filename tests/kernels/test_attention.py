@@ -326,6 +326,28 @@ def test_head_dims(kernel_backend, D):
     check_backward(name, device, xs, kw, torch.float16)
 
 
+@pytest.mark.parametrize("D", [200, 256])
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_fp32_wide_heads(kernel_backend, D, mask):
+    """fp32 at 256-wide heads: the Triton forward and JVP kernels read q, q̇, k, k̇ in D_CHUNK-wide
+    slices per key block there (_chunked_scores; the interpreter runs it with 16-wide slices), and
+    D = 200 leaves part of the last slices past D. The awkward cases above run d=256 in fp16 only
+    under the interpreter."""
+    name, device = kernel_backend
+    dtype = torch.float32
+    xs, kw, ts = make_case(B=1, Hq=2, Nq=21, Nk=27, D=D, mask=mask, dtype=dtype, seed=D)
+    check_forward(name, device, xs, kw, dtype)
+    check_backward(name, device, xs, kw, dtype)
+    if name == "triton" and device != "cpu" and torch.get_float32_matmul_precision() == "highest":
+        with pytest.raises(NotImplementedError, match=r"precision='ieee' .* supports head dims up to 128"):
+            scm_kernels.attention_jvp(*_run(name, device, xs), *_run(name, device, ts), **_kw_on(kw, device),
+                                      backend=name)
+        return
+    check_jvp(name, device, xs, kw, ts, dtype)
+    xs, kw, ts = make_case(B=1, Hq=2, Nq=21, Nk=27, D=D, mask=mask, dtype=dtype, seed=D, tangents=(True, False, True))
+    check_jvp(name, device, xs, kw, ts, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_huge_logits(kernel_backend, dtype):
     """Logits up to ~1e4 in fp16/bf16 inputs: no overflow, no NaN (the logits live in fp32)."""

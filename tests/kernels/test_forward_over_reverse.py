@@ -1,0 +1,137 @@
+"""Forward-mode AD through a backward (torch.func.jvp over torch.func.grad: Hessian-vector products;
+forward_ad dual tensors with a create_graph backward).
+
+The fused kernels' backward passes detach their inputs and have no forward-mode rule of their own,
+so without care the tangent of a gradient comes out as zero, silently. Attention computes it: under
+forward-mode AD its backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there).
+The other ops refuse with NotImplementedError naming the op; trigflow_step's backward is made of
+its own differentiable Functions and is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import scm_kernels as sk
+
+
+def _dtype(name):
+    return torch.float32 if name == "triton" else torch.float64
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+
+
+def _hvp(loss, xs, ts):
+    """(grad, its tangent) of loss at xs along ts: torch.func.jvp over torch.func.grad."""
+    argnums = tuple(range(len(xs)))
+    return torch.func.jvp(torch.func.grad(loss, argnums=argnums), tuple(xs), tuple(ts))
+
+
+ATTN_CASES = {
+    "plain": dict(Hq=2, Hkv=2, mask=False, is_causal=False),
+    "gqa 4:2, bool mask, causal": dict(Hq=4, Hkv=2, mask=True, is_causal=True),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES), ids=list(ATTN_CASES))
+def test_attention_hessian_vector_product(kernel_backend, case):
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    c = ATTN_CASES[case]
+    dtype = _dtype(name)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1, c["Hq"], 11, 8), (1, c["Hkv"], 13, 8), (1, c["Hkv"], 13, 6)]
+    xs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ts = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    mask = (torch.rand(1, c["Hq"], 11, 13, generator=gen) > 0.3) if c["mask"] else None
+    w = torch.randn(1, c["Hq"], 11, 6, generator=gen, dtype=torch.float64)
+    kw = dict(attn_mask=mask, is_causal=c["is_causal"], enable_gqa=c["Hq"] != c["Hkv"])
+
+    def loss(backend, w):
+        return lambda q, k, v: (sk.attention(q, k, v, **kw, backend=backend) * w).pow(2).sum()
+
+    want_g, want_h = _hvp(loss("reference", w), xs, ts)
+    dev = [x.to(device, dtype) for x in xs]
+    kw["attn_mask"] = None if mask is None else mask.to(device)
+    got_g, got_h = _hvp(loss(name, w.to(device, dtype)), dev, [t.to(device, dtype) for t in ts])
+    for a, b in zip(got_g + got_h, want_g + want_h):
+        torch.testing.assert_close(a.cpu().double(), b, **_tol(dtype))
+    assert all(float(h.abs().max()) > 0 for h in got_h)
+
+
+def test_attention_grad_inside_unrelated_jvp(kernel_backend):
+    """A gradient that does not depend on the JVP's input, taken inside it: the same numbers as
+    outside (the differentiable path is used, the result is unchanged)."""
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    dtype = _dtype(name)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(3))
+    x, tx = torch.randn(3, dtype=dtype, device=device), torch.randn(3, dtype=dtype, device=device)
+
+    def loss(q):
+        return sk.attention(q, k, v, backend=name).pow(2).sum()
+
+    plain = torch.func.grad(loss)(q)
+    out, tangent = torch.func.jvp(lambda x: torch.func.grad(loss)(q).sum() * x, (x,), (tx,))
+    torch.testing.assert_close(out, plain.sum() * x, **_tol(dtype))
+    torch.testing.assert_close(tangent, plain.sum() * tx, **_tol(dtype))
+
+
+def test_attention_jvp_backward_under_forward_ad_refuses(kernel_backend):
+    """The backward of attention_jvp (A27) has no forward-mode form: a clear error, not zeros."""
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    dtype = _dtype(name)
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=dtype, device=device) for _ in range(3))
+    with fwAD.dual_level():
+        qd = fwAD.make_dual(q.clone().requires_grad_(), torch.randn_like(q))
+        loss = sk.attention(qd, k, v, backend=name).pow(2).sum()
+        with pytest.raises(NotImplementedError, match=r"attention_jvp: forward-mode AD through the backward"):
+            torch.autograd.grad(loss, qd, create_graph=True)
+
+
+def _other_ops(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    x, w, b, sc, sh = r(2, 8, 5, 5), r(8), r(8), r(2, 8), r(2, 8)
+    a = r(3, 6, 4, 4)
+    t = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.1).to(device, dtype)
+    xt, F, J, dx = r(3, 2, 4, 4), r(3, 2, 4, 4), r(3, 2, 4, 4), r(3, 2, 4, 4)
+    tt = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.2).to(device, dtype)
+    return {
+        "group_norm": (lambda be: lambda z: sk.group_norm(z, 4, w, b, scale=sc, shift=sh, activation="silu",
+                                                          backend=be).pow(2).sum(), x),
+        "pixel_norm": (lambda be: lambda z: sk.pixel_norm(z, backend=be).pow(3).sum(), a),
+        "time_embedding": (lambda be: lambda z: sk.time_embedding(z, 16, backend=be).pow(3).sum(), t),
+        "scm_loss": (lambda be: lambda z: sk.scm_loss(z, J, xt, dx, tt, backend=be).sum(), F),
+        "trigflow_step": (lambda be: lambda z: sk.trigflow_step(z, F, tt, backend=be).pow(3).sum(), xt),
+    }
+
+
+@pytest.mark.parametrize("op", ["group_norm", "pixel_norm", "time_embedding", "scm_loss", "trigflow_step"])
+def test_other_ops_under_forward_over_reverse(kernel_backend, op):
+    """Every other op either gives the reference's Hessian-vector product (trigflow_step) or refuses
+    with NotImplementedError naming the op; never a zero tangent."""
+    name, device = kernel_backend
+    dtype = _dtype(name)
+    make, z = _other_ops(device, dtype)[op]
+    tz = torch.ones_like(z)
+    if op == "trigflow_step":
+        _, got = _hvp(make(name), [z], [tz])
+        _, want = _hvp(make("reference"), [z], [tz])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        return
+    with pytest.raises(NotImplementedError, match=rf"scm_kernels\.{op}: forward-mode AD through its backward"):
+        _hvp(make(name), [z], [tz])
+    _hvp(make("reference"), [z], [tz])  # the way out the message names works
