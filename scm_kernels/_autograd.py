@@ -40,18 +40,32 @@ def apply(fn_cls: type[torch.autograd.Function], traceable_cls: type[torch.autog
     return super(torch.autograd.Function, fn_cls).apply(*args)  # the C++ _FunctionBase.apply
 
 
-def forward_ad_through_backward(ctx, *grads) -> bool:
-    """Whether the backward of ctx's Function runs under forward-mode AD, so that its results need
-    tangents: inside torch.func.jvp (e.g. jvp over torch.func.grad: Hessian-vector products), or with
-    forward_ad dual tensors among `grads` and the saved tensors (a create_graph backward inside a
-    dual level). The kernels detach their inputs and have no forward-mode rule of their own
-    backward, so those tangents would be lost (silently zero) without this check. Cheap when
-    neither is active (the saved tensors are not unpacked)."""
+def backward_is_differentiated(ctx, *grads) -> bool:
+    """Whether the backward of ctx's Function is itself differentiated, so that its results need a
+    derivative of their own:
+      * torch.func: a Jvp transform on the stack (torch.func.jvp over torch.func.grad: Hessian-vector
+        products), or two Grad transforms (torch.func.grad of torch.func.grad);
+      * plain autograd: a create_graph=True backward (grad mode is on inside it) of tensors that
+        require grad (double backward, e.g. a gradient penalty), or forward_ad dual tensors among
+        `grads` and the saved tensors.
+    Not detected: a torch.func.vjp's vjp_fn differentiated by an enclosing transform (its own level
+    has ended, so nothing on the stack tells); plain PyTorch with backend="reference" is exact there.
+    The kernels detach their inputs and have no derivative of their own backward, so without this
+    check that derivative would be lost: zero, silently, or a confusing error later. Cheap when none
+    of these is active (the saved tensors are not unpacked)."""
     if torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+        return TransformType.Jvp in keys or keys.count(TransformType.Grad) >= 2
+    if torch.is_grad_enabled():
+        ts = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor)]
+        # The vjp_fn of torch.func.vjp, called outside any transform, runs its backward with grad
+        # mode on (create_graph = torch.is_grad_enabled()) over tensors of its finished level: a
+        # first-order call, not a double backward.
+        if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts) and \
+                any(t.requires_grad for t in ts):
             return True
     if fwAD._current_level >= 0:
         return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
@@ -59,11 +73,12 @@ def forward_ad_through_backward(ctx, *grads) -> bool:
     return False
 
 
-def refuse_forward_over_reverse(op: str, ctx, *grads) -> None:
-    """NotImplementedError when the backward of `op` runs under forward-mode AD (see
-    forward_ad_through_backward): the tangent of its gradient would otherwise come out as zero."""
-    if forward_ad_through_backward(ctx, *grads):
+def refuse_differentiated_backward(op: str, ctx, *grads) -> None:
+    """NotImplementedError when the backward of `op` is itself differentiated (see
+    backward_is_differentiated): that derivative would otherwise be lost."""
+    if backward_is_differentiated(ctx, *grads):
         raise NotImplementedError(
-            f"scm_kernels.{op}: forward-mode AD through its backward (torch.func.jvp over torch.func.grad or "
-            "vjp, e.g. a Hessian-vector product; or forward_ad dual tensors with a create_graph backward) is not "
-            "implemented by the fused kernels; use backend='reference' for that computation")
+            f"scm_kernels.{op}: differentiating through its backward (a create_graph=True backward such as a "
+            "gradient penalty, torch.func.grad of torch.func.grad, or torch.func.jvp over torch.func.grad such as "
+            "a Hessian-vector product) is not implemented by the fused kernels; use backend='reference' for that "
+            "computation")

@@ -33,10 +33,11 @@ Forward-mode AD: under torch.func.jvp / forward_ad, `attention` sees the tangent
 innermost dual level) and runs the fused kernel (A25) once for the primal and the tangent, as
 `attention_jvp` does; both stay differentiable by backward (A27). The autograd Function's own jvp
 rule (forward kernel, then the tangent from the saved out and lse) remains for the cases that reach
-it (tangents of an outer level under nested transforms). Forward-over-reverse (torch.func.jvp over
-torch.func.grad, e.g. Hessian-vector products) is exact: under forward-mode AD the backward runs
-(A26) in differentiable plain PyTorch (O(N^2) memory there only); through attention_jvp's backward
-(A27) it is refused with NotImplementedError, as the other fused ops' backward passes refuse it.
+it (tangents of an outer level under nested transforms). Second derivatives through the backward
+(create_graph=True double backward, torch.func.grad of torch.func.grad, torch.func.jvp over
+torch.func.grad for Hessian-vector products) are exact: such a backward runs (A26) in
+differentiable plain PyTorch (O(N^2) memory there only). Through attention_jvp's backward (A27)
+they are refused with NotImplementedError, as the other fused ops' backward passes refuse them.
 torch.compile: a model calling `attention` compiles (forward and backward, fullgraph). A JVP of a
 compiled function is refused with a clear error (dynamo drops custom JVP rules, pytorch issue
 192985, which would give wrong tangents silently).

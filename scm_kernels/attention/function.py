@@ -26,7 +26,7 @@ import types
 import torch
 
 from scm_kernels import backend
-from scm_kernels._autograd import forward_ad_through_backward
+from scm_kernels._autograd import backward_is_differentiated
 
 
 def inner(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -101,8 +101,9 @@ def _detached(tensors):
 
 
 def reference_backward(grad_out, q, k, v, mask, is_causal, scale):
-    """(A26) in differentiable plain PyTorch: (dq, dk, dv), so that forward-mode AD sees every
-    operation (forward-over-reverse). Materializes the (B, Hq, Nq, Nk) probabilities (O(N^2)
+    """(A26) in differentiable plain PyTorch: (dq, dk, dv), for a backward that is itself
+    differentiated (double backward, forward-over-reverse): autograd and forward-mode AD see every
+    operation. Materializes the (B, Hq, Nq, Nk) probabilities (O(N^2)
     memory), in fp32 (fp64 for fp64 inputs)."""
     from scm_kernels.attention import reference
 
@@ -138,7 +139,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         is_causal, scale, name, precision = ctx.consts
-        if forward_ad_through_backward(ctx, grad_out):
+        if backward_is_differentiated(ctx, grad_out):
             q, k, v, _, _, mask = ctx.saved_tensors
             return *reference_backward(grad_out, q, k, v, mask, is_causal, scale), None, None, None, None, None
         q, k, v, out, lse, mask = _detached(ctx.saved_tensors)
@@ -183,11 +184,11 @@ class AttentionJvpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
-        if forward_ad_through_backward(ctx, grad_out, grad_out_tangent):
+        if backward_is_differentiated(ctx, grad_out, grad_out_tangent):
             raise NotImplementedError(
-                "scm_kernels.attention_jvp: forward-mode AD through the backward of attention_jvp (e.g. "
-                "torch.func.jvp over torch.func.grad of a loss on the tangent, or forward_ad dual tensors with "
-                "a create_graph backward) is not implemented; use backend='reference'")
+                "scm_kernels.attention_jvp: differentiating through the backward of attention_jvp (a "
+                "create_graph=True backward, torch.func.grad of torch.func.grad, torch.func.jvp over torch.func.grad, "
+                "or forward_ad dual tensors with a create_graph backward) is not implemented; use backend='reference'")
         saved = _detached(ctx.saved_tensors)
         q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = saved
         is_causal, scale, name, precision = ctx.consts

@@ -27,7 +27,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_forward_over_reverse
+from scm_kernels._autograd import refuse_differentiated_backward
 from scm_kernels._launch import KernelTable
 
 
@@ -140,7 +140,7 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        refuse_forward_over_reverse("group_norm", ctx, grad_y)
+        refuse_differentiated_backward("group_norm", ctx, grad_y)
         x, weight, bias, scale, shift, mean, rstd = _detached(ctx.saved_tensors)
         G, silu, name = ctx.consts
         dy = matched(x, grad_y.detach())

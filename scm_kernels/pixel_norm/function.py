@@ -21,7 +21,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_forward_over_reverse
+from scm_kernels._autograd import refuse_differentiated_backward
 from scm_kernels._launch import KernelTable
 
 
@@ -101,7 +101,7 @@ class PixelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_rstd):
-        refuse_forward_over_reverse("pixel_norm", ctx, grad)
+        refuse_differentiated_backward("pixel_norm", ctx, grad)
         a, rstd = (t.detach() for t in ctx.saved_tensors)
         dim, name = ctx.consts
         v, _ = view_for(a, dim)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import _layout, backend
-from scm_kernels._autograd import refuse_forward_over_reverse
+from scm_kernels._autograd import refuse_differentiated_backward
 from scm_kernels._launch import eager_fast
 from scm_kernels.scm_loss import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
 
@@ -85,7 +85,7 @@ class ScmLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_gnorm, _grad_sqerr):
-        refuse_forward_over_reverse("scm_loss", ctx, grad_loss)
+        refuse_differentiated_backward("scm_loss", ctx, grad_loss)
         F, logvar, J, x_t, dxt_dt, t, F_minus, gnorm, sqerr = _detached(ctx.saved_tensors)
         sigma_d, r, c, name = ctx.consts
         D = _layout.sample_numel(F)

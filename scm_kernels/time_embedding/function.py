@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_forward_over_reverse
+from scm_kernels._autograd import refuse_differentiated_backward
 from scm_kernels._launch import KernelTable
 
 
@@ -52,13 +52,13 @@ class TimeEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_forward_over_reverse("time_embedding", ctx, grad)
+        refuse_differentiated_backward("time_embedding", ctx, grad)
         dim, max_period, time_scale, name = ctx.args
         t, freqs = _detached(*ctx.saved_tensors)
         need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_freqs
         if not (need_t or need_f):
             return None, None, None, None, None, None
-        dt, dfreqs = kernels(name)[2](_rows_f32(grad), t, dim, max_period, time_scale, freqs, need_f)
+        dt, dfreqs = kernels(name)[2](_rows_f32(grad.detach()), t, dim, max_period, time_scale, freqs, need_f)
         return (dt if need_t else None), (dfreqs if need_f else None), None, None, None, None
 
     @staticmethod

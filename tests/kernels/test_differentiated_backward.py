@@ -1,11 +1,12 @@
-"""Forward-mode AD through a backward (torch.func.jvp over torch.func.grad: Hessian-vector products;
-forward_ad dual tensors with a create_graph backward).
+"""A backward that is itself differentiated: torch.func.jvp over torch.func.grad (Hessian-vector
+products), torch.func.grad of torch.func.grad, a create_graph=True double backward, forward_ad dual
+tensors with a create_graph backward.
 
-The fused kernels' backward passes detach their inputs and have no forward-mode rule of their own,
-so without care the tangent of a gradient comes out as zero, silently. Attention computes it: under
-forward-mode AD its backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there).
-The other ops refuse with NotImplementedError naming the op; trigflow_step's backward is made of
-its own differentiable Functions and is exact.
+The fused kernels' backward passes detach their inputs and have no derivative of their own, so
+without care the derivative of a gradient comes out as zero, silently. Attention computes it: such a
+backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there). The other ops
+refuse with NotImplementedError naming the op; trigflow_step's backward is made of its own
+differentiable Functions and is exact.
 """
 
 from __future__ import annotations
@@ -31,14 +32,39 @@ def _hvp(loss, xs, ts):
     return torch.func.jvp(torch.func.grad(loss, argnums=argnums), tuple(xs), tuple(ts))
 
 
+def _second(how, loss, xs, ts):
+    """A second derivative of loss at xs in direction ts, three ways: (grad, its tangent) by jvp over
+    grad; or the gradient of <grad, ts> by torch.func.grad of torch.func.grad, or by a create_graph
+    double backward (both equal the Hessian-vector product, the Hessian being symmetric)."""
+    argnums = tuple(range(len(xs)))
+    if how == "jvp(grad)":
+        return _hvp(loss, xs, ts)
+
+    def inner(*z):
+        g = torch.func.grad(loss, argnums=argnums)(*z)
+        return sum((a * t).sum() for a, t in zip(g, ts)), g
+
+    if how == "grad(grad)":
+        h, g = torch.func.grad(inner, argnums=argnums, has_aux=True)(*xs)
+        return g, h
+    zs = [x.detach().clone().requires_grad_() for x in xs]
+    g = torch.autograd.grad(loss(*zs), zs, create_graph=True)
+    h = torch.autograd.grad(sum((a * t).sum() for a, t in zip(g, ts)), zs)
+    return tuple(x.detach() for x in g), h
+
+
+HOW = ["jvp(grad)", "grad(grad)", "double backward"]
+
+
 ATTN_CASES = {
     "plain": dict(Hq=2, Hkv=2, mask=False, is_causal=False),
     "gqa 4:2, bool mask, causal": dict(Hq=4, Hkv=2, mask=True, is_causal=True),
 }
 
 
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("case", list(ATTN_CASES), ids=list(ATTN_CASES))
-def test_attention_hessian_vector_product(kernel_backend, case):
+def test_attention_hessian_vector_product(kernel_backend, case, how):
     name, device = kernel_backend
     if name == "cuda":
         pytest.skip("attention has no CUDA C++ kernel")
@@ -55,10 +81,10 @@ def test_attention_hessian_vector_product(kernel_backend, case):
     def loss(backend, w):
         return lambda q, k, v: (sk.attention(q, k, v, **kw, backend=backend) * w).pow(2).sum()
 
-    want_g, want_h = _hvp(loss("reference", w), xs, ts)
+    want_g, want_h = _second(how, loss("reference", w), xs, ts)
     dev = [x.to(device, dtype) for x in xs]
     kw["attn_mask"] = None if mask is None else mask.to(device)
-    got_g, got_h = _hvp(loss(name, w.to(device, dtype)), dev, [t.to(device, dtype) for t in ts])
+    got_g, got_h = _second(how, loss(name, w.to(device, dtype)), dev, [t.to(device, dtype) for t in ts])
     for a, b in zip(got_g + got_h, want_g + want_h):
         torch.testing.assert_close(a.cpu().double(), b, **_tol(dtype))
     assert all(float(h.abs().max()) > 0 for h in got_h)
@@ -94,7 +120,7 @@ def test_attention_jvp_backward_under_forward_ad_refuses(kernel_backend):
     with fwAD.dual_level():
         qd = fwAD.make_dual(q.clone().requires_grad_(), torch.randn_like(q))
         loss = sk.attention(qd, k, v, backend=name).pow(2).sum()
-        with pytest.raises(NotImplementedError, match=r"attention_jvp: forward-mode AD through the backward"):
+        with pytest.raises(NotImplementedError, match=r"attention_jvp: differentiating through the backward"):
             torch.autograd.grad(loss, qd, create_graph=True)
 
 
@@ -119,19 +145,52 @@ def _other_ops(device, dtype):
     }
 
 
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("op", ["group_norm", "pixel_norm", "time_embedding", "scm_loss", "trigflow_step"])
-def test_other_ops_under_forward_over_reverse(kernel_backend, op):
-    """Every other op either gives the reference's Hessian-vector product (trigflow_step) or refuses
-    with NotImplementedError naming the op; never a zero tangent."""
+def test_other_ops_differentiated_backward(kernel_backend, op, how):
+    """Every other op either gives the reference's second derivative (trigflow_step) or refuses with
+    NotImplementedError naming the op; never a zero derivative."""
     name, device = kernel_backend
     dtype = _dtype(name)
     make, z = _other_ops(device, dtype)[op]
     tz = torch.ones_like(z)
     if op == "trigflow_step":
-        _, got = _hvp(make(name), [z], [tz])
-        _, want = _hvp(make("reference"), [z], [tz])
+        _, got = _second(how, make(name), [z], [tz])
+        _, want = _second(how, make("reference"), [z], [tz])
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         return
-    with pytest.raises(NotImplementedError, match=rf"scm_kernels\.{op}: forward-mode AD through its backward"):
-        _hvp(make(name), [z], [tz])
-    _hvp(make("reference"), [z], [tz])  # the way out the message names works
+    with pytest.raises(NotImplementedError, match=rf"scm_kernels\.{op}: differentiating through its backward"):
+        _second(how, make(name), [z], [tz])
+    _second(how, make("reference"), [z], [tz])  # the way out the message names works
+
+
+def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
+    """A plain backward, torch.func.grad alone and torch.func.jvp alone never take the differentiable
+    fallback (which would cost O(N^2) memory)."""
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    from scm_kernels.attention import function
+
+    def boom(*a, **k):
+        raise AssertionError("reference_backward taken on a first-order path")
+
+    monkeypatch.setattr(function, "reference_backward", boom)
+    dtype = _dtype(name)
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=dtype, device=device) for _ in range(3))
+
+    def loss(q):
+        return sk.attention(q, k, v, backend=name).pow(2).sum()
+
+    qq = q.clone().requires_grad_()
+    loss(qq).backward()
+    torch.func.grad(loss)(q)
+    torch.func.jvp(loss, (q,), (torch.ones_like(q),))
+    with torch.enable_grad():  # vjp_fn runs its backward with create_graph = grad mode
+        torch.func.vjp(loss, q)[1](torch.ones((), dtype=dtype, device=device))
+    for op, (make, z) in _other_ops(device, dtype).items():  # and the other ops do not refuse them
+        zz = z.clone().requires_grad_()
+        make(name)(zz).backward()
+        torch.func.grad(make(name))(z)
+        with torch.enable_grad():
+            torch.func.vjp(make(name), z)[1](torch.ones((), dtype=dtype, device=device))
