@@ -103,8 +103,8 @@ def _detached(tensors):
 def reference_backward(grad_out, q, k, v, mask, is_causal, scale):
     """(A26) in differentiable plain PyTorch: (dq, dk, dv), for a backward that is itself
     differentiated (double backward, forward-over-reverse): autograd and forward-mode AD see every
-    operation. Materializes the (B, Hq, Nq, Nk) probabilities (O(N^2)
-    memory), in fp32 (fp64 for fp64 inputs)."""
+    operation. Materializes the (B, Hq, Nq, Nk) probabilities (O(N^2) memory), in fp32 (fp64 for
+    fp64 inputs)."""
     from scm_kernels.attention import reference
 
     f = torch.promote_types(q.dtype, torch.float32)

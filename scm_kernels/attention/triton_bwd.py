@@ -449,9 +449,10 @@ def _mask_args(mask, lse):
 
 def _launch(do, g, q, k, v, tq, tk, tv, out, out_t, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv,
             presence, cfg, prec, upcast):
-    """The dq kernel (which also writes the row statistic `delta`: Δ = dO·O, or Δ' = dO·O + g·Ȯ
-    with g; without dq, PyTorch computes it), then the dk/dv kernel for the outputs that are not None. g None: (A26) with upstream
-    do; else the (dq, dk, dv) of (A27), `presence` (HAS_DO, HAS_TQ, HAS_TK, HAS_TV) compiled in."""
+    """The dq kernel, which also writes the row statistic `delta` (Δ = dO·O, or Δ' = dO·O + g·Ȯ
+    with g; PyTorch computes it where dq is not asked for), then the dk/dv kernel for the outputs
+    that are not None. g None: (A26) with upstream do; else the (dq, dk, dv) of (A27), `presence`
+    (HAS_DO, HAS_TQ, HAS_TK, HAS_TV) compiled in."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     has_g = g is not None
@@ -625,7 +626,7 @@ def _run(grad_out, g, q, k, v, tq, tk, tv, out, out_t, lse, mu, mask, is_causal,
             _launch(do, g, *args, out, out_t, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv, presence,
                     cfg, prec, upcast)
 
-    # Row statistics, written by the first launch of each family: Δ = dO·O, or Δ' = dO·O + g·Ȯ and ν = g·O
+    # Row statistics, each written by the launch that needs it: Δ = dO·O, or Δ' = dO·O + g·Ȯ and ν = g·O
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
     primal = (True, False, False, False)
     if not has_g:
@@ -722,8 +723,8 @@ def main_specs(dtype, prec: str, bd: int, presence, tiles) -> list:
 
 def _aot_specs() -> list:
     """Every configuration the launchers can run on a GPU: per dtype, fp32 precision and head-dim
-    bucket the (A26) family and the (A27) family of each JVP_PRESENCE
-    pattern (families without a configuration run `_blockwise`, no kernel)."""
+    bucket the (A26) family and the (A27) family of each JVP_PRESENCE pattern (families without a
+    configuration run `_blockwise`, no kernel)."""
     out = []
     for dtype in _TT:
         for prec in (PRECISIONS if dtype == torch.float32 else ("tf32",)):

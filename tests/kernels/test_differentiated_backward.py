@@ -26,19 +26,13 @@ def _tol(dtype):
     return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
 
 
-def _hvp(loss, xs, ts):
-    """(grad, its tangent) of loss at xs along ts: torch.func.jvp over torch.func.grad."""
-    argnums = tuple(range(len(xs)))
-    return torch.func.jvp(torch.func.grad(loss, argnums=argnums), tuple(xs), tuple(ts))
-
-
 def _second(how, loss, xs, ts):
     """A second derivative of loss at xs in direction ts, three ways: (grad, its tangent) by jvp over
     grad; or the gradient of <grad, ts> by torch.func.grad of torch.func.grad, or by a create_graph
     double backward (both equal the Hessian-vector product, the Hessian being symmetric)."""
     argnums = tuple(range(len(xs)))
     if how == "jvp(grad)":
-        return _hvp(loss, xs, ts)
+        return torch.func.jvp(torch.func.grad(loss, argnums=argnums), tuple(xs), tuple(ts))
 
     def inner(*z):
         g = torch.func.grad(loss, argnums=argnums)(*z)
