@@ -2,7 +2,7 @@
 
     python -m benchmarks.tune_attention                         # fwd and jvp, bf16, d = 64 and 128
     python -m benchmarks.tune_attention --kernels fwd --dims 64 --dtype fp16 --seq 8192
-    python -m benchmarks.tune_attention --kernels bwd,jvp_bwd --dims 64     # backward tiles (not yet run on a GPU)
+    python -m benchmarks.tune_attention --kernels bwd,jvp_bwd --dims 64     # backward tiles
 
 For each (kernel, head-dim bucket) it times every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a
 grid through the public functions (`attention` for fwd, `attention_jvp` for jvp), with the table
@@ -73,7 +73,7 @@ def sweep_bwd(jvp: bool, block_d: int, dtype: torch.dtype, B: int, H: int, N: in
     """The backward tiles of `triton_bwd.GPU_CONFIGS` ((A26) with jvp=False, (A27) with jvp=True): each
     (BLOCK_M, BLOCK_N, warps, stages) of the grid as the dk/dv tile (dq tile as shipped), then as the
     dq tile (dk/dv as shipped), each with SPLIT as shipped. Rows: (("dkdv" | "dq", tile), ms, TFLOP/s,
-    note). Written after the H100 session of 2026-11-22: not yet run on a GPU."""
+    note). Run on an H100 on 2026-11-23 (see GPU_CONFIGS in triton_bwd.py)."""
     import scm_kernels
     from scm_kernels.attention import triton_bwd
 

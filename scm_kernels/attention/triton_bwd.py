@@ -355,8 +355,13 @@ def _block_d(d: int) -> int:
 # (head-dim bucket, (A27) kernels?, fp32 "ieee"?, fp32 "tf32"?) - 16-bit inputs are (.., False,
 # False). The same tiles serve sm_80 and sm_90: each was found by compiling a grid of candidate
 # tiles (BLOCK_M, BLOCK_N in 16..128, 4 or 8 warps, 1 or 2 stages) for both and keeping a large
-# one without register spills (the compile report of python -m scm_kernels.aot); they are not yet
-# timed on a GPU (benchmarks.tune_attention --kernels bwd,jvp_bwd does that). What limits them:
+# one without register spills (the compile report of python -m scm_kernels.aot). Timed on an H100
+# (benchmarks.tune_attention --kernels bwd,jvp_bwd, bf16, B=2, H=16, N=4096, d=64, one tile swapped
+# at a time, 2026-11-23): the whole (A26) backward takes 2.20 ms with the shipped tiles; dk/dv
+# (64, 128, 8, 2) 1.95 and dq (128, 128, 8, 2) 1.80 or (128, 64, 8, 2) 1.95 are faster but spill
+# (8-136 B on sm_80/sm_90). (A27): 7.99 ms shipped; dk/dv (64, 128) or (32, 128) 6.8-6.9 and dq
+# (128, 64) or (128, 32) 6.7-7.2, all spilling. Every spill-free tile of the grid was slower than
+# the shipped ones. What limits them:
 # Triton converts a transposed operand (k^T, v^T, ...) into a register layout holding all of
 # BLOCK_D x BLOCK_N per warp, and a tile of fewer than 16 x num_warps rows spreads its warps over
 # the columns, so that every warp holds the whole row operand; fp32 "ieee" dots (3xTF32, DOT_PREC)

@@ -17,7 +17,9 @@ group over several programs (down to one tile each) when N*G programs alone cann
   0 fused   nsplit == 1: the program reduces its whole group, then writes its outputs (the second
             loop re-reads the group, from L1/L2 when it fits there);
   1 partial the program writes its partial reductions, nothing else;
-  2 apply   the program combines the partials of its group in a fixed order, then writes.
+  2 apply   the program combines the partials of its group in a fixed order, then writes;
+  3 resident (forward only, see resident_tile) the program loads its whole group as one tile, once,
+            and keeps it in registers from the statistics to the output.
 Every reduction has a fixed order (tiles in order, splits in order): results are bitwise
 reproducible, and no kernel uses atomics. The forward's mode is a constexpr (with a runtime mode,
 ptxas keeps one value on the stack in some sm_80 builds); the JVP's and backward's are runtime.
@@ -57,6 +59,7 @@ from scm_kernels._spec import spec
 # Tiles (BC channels, BS spatial positions) of 2048 elements; the launcher picks the one that
 # wastes the fewest lanes on the group's (Cg, S).
 CONFIGS = ((2, 1024), (8, 256), (32, 64))
+CL_CONFIGS = ((4, 512), (16, 128))  # channels_last adds these: BC = every power of two up to 32
 NUM_WARPS = 8
 _TT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 
@@ -66,6 +69,17 @@ _TT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", 
 TARGET_PROGRAMS = 512
 MIN_PER_PROGRAM = 4096
 INTERPRETER_TARGET_PROGRAMS = 1
+
+# The forward's mode 3 (resident_tile): the group in one tile of `total` elements (BC = the next
+# power of two of Cg, at most RESIDENT_MAX_BC; BS = total / BC) with its warps, when the padded
+# group has RESIDENT_MIN elements or more. Measured on an H100 (benchmarks.tune_group_norm, bf16,
+# device time against a copy of the same tensor): 32x512x32x32 75% of the copy's bandwidth against
+# 61-63% for mode 0; at 8192-element groups (64x768x16x16) mode 3 was no faster than mode 0, and
+# 32768-element tiles spill (sm_80/sm_90) at 16 or 32 warps and ran slower where they compiled.
+RESIDENT_TILES = ((16384, 8),)
+RESIDENT_MIN = 16384
+RESIDENT_MAX_BC = 16  # wider tiles (32 and 64 channels of 512 and 256 positions) spill in NCHW
+INTERPRETER_RESIDENT = False  # the tests turn mode 3 on under the interpreter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +185,42 @@ def _silu_grad(a):
 # Forward (A28)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _gn_fwd_resident(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, Cg, G, stride_xn, stride_yn, stride_w, stride_b,
+                     stride_scn, stride_scc, stride_shn, stride_shc, eps, act,
+                     CL: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    """Mode 3: the whole group in one [BC >= Cg, BS >= S] tile, read from memory once and kept in
+    registers through the statistics and the output (modes 0-2 read it twice). Exact two-pass
+    moments of the tile, relative to its first value as in _range_stats."""
+    ng = tl.program_id(0)
+    n = (ng // G).to(tl.int64)
+    g = ng % G
+    if CL:
+        stride_r = C
+    else:
+        stride_r = S
+    bx = _group_base(n, g, Cg, stride_xn, stride_r, CL)
+    M = tl.cast(Cg * S, tl.float32)
+    off, mask = _tile(0, 0, Cg, S, stride_r, CL, BC, BS)
+    x = tl.load(X + bx + off, mask=mask, other=0.0).to(tl.float32)
+    pivot = tl.load(X + bx).to(tl.float32)
+    mean = pivot + tl.sum(tl.where(mask, x - pivot, 0.0)) / M
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = _rstd(tl.sum(d * d), M, eps)
+    tl.store(MEAN + ng, mean)
+    tl.store(RSTD + ng, rstd)
+    cl = tl.arange(0, BC)
+    cmask = cl < Cg
+    c = g * Cg + cl
+    s = _vec(SC, n, c, cmask, stride_scn, stride_scc)
+    A = _chan(_vec(W, 0, c, cmask, 0, stride_w) * s * rstd, CL)
+    B = _chan(_vec(Bi, 0, c, cmask, 0, stride_b) * s + _vec(SH, n, c, cmask, stride_shn, stride_shc), CL)
+    a = d * A + B
+    y = tl.where(act != 0, a * tl.sigmoid(a), a)
+    by = _group_base(n, g, Cg, stride_yn, stride_r, CL)
+    tl.store(Y + by + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_fwd_kernel(
     X,  # (N, C, S) input, batch stride stride_xn
     Y,  # (N, C, S) output, batch stride stride_yn
@@ -183,10 +233,14 @@ def _gn_fwd_kernel(
     stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
     eps,
     act,  # 1: SiLU, 0: none
-    MODE: tl.constexpr,  # 0 fused, 1 partial statistics, 2 combine partials and write y
+    MODE: tl.constexpr,  # 0 fused, 1 partial statistics, 2 combine partials and write y, 3 resident
     CL: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if MODE == 3:
+        _gn_fwd_resident(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, Cg, G, stride_xn, stride_yn, stride_w, stride_b,
+                         stride_scn, stride_scc, stride_shn, stride_shc, eps, act, CL, BC, BS)
+        return
     ng = pid // nsplit
     sp = pid % nsplit
     n = (ng // G).to(tl.int64)
@@ -437,19 +491,51 @@ def _check_ncs(x3: Tensor, name: str, like: Tensor | None = None) -> None:
         raise ValueError(f"group_norm: {name} must have x's shape, dtype and layout")
 
 
-def config(Cg: int, S: int) -> tuple[int, int]:
-    """The tile (BC, BS) of CONFIGS with the fewest masked lanes on a (Cg, S) group."""
+def configs(channels_last: bool) -> tuple:
+    """The tiles of one layout: CONFIGS, and in channels_last CL_CONFIGS too."""
+    return CONFIGS + CL_CONFIGS if channels_last else CONFIGS
+
+
+def config(Cg: int, S: int, channels_last: bool = False) -> tuple[int, int]:
+    """The tile (BC, BS) of a (Cg, S) group. NCHW: the tile of CONFIGS with the fewest masked lanes.
+    channels_last: the narrowest tile whose BC covers the group's Cg channels (the widest when none
+    does): a position's Cg channels are one contiguous run, so a narrower tile reads each memory
+    sector once per BC channels (measured on an H100: 32 x 512 x 64 x 64 bf16 with (2, 1024) tiles
+    took 3.9 ms, 26 times the NCHW time)."""
+    if channels_last:
+        tiles = sorted(configs(True), key=lambda t: t[0])
+        return next((t for t in tiles if t[0] >= Cg), tiles[-1])
+
     def waste(cfg):
         bc, bs = cfg
         return (-(-Cg // bc) * bc) * (-(-S // bs) * bs)
     return min(CONFIGS, key=waste)
 
 
-def plan(N: int, C: int, S: int, G: int, device: torch.device) -> tuple[int, int, int, int]:
+def resident_tile(N: int, C: int, S: int, G: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> Optional[tuple[int, int, int]]:
+    """(BC, BS, num_warps) of the forward's mode 3 (one read of x: the group stays in registers), or None.
+    Taken on a GPU when the padded group (next powers of two of Cg and S) fits one of RESIDENT_TILES
+    and N*G programs fill the GPU without splitting groups; not for float64 (its tile spills)."""
+    Cg = C // G
+    on_gpu = device.type == "cuda"
+    if dtype == torch.float64:
+        return None
+    if not (on_gpu or INTERPRETER_RESIDENT) or N * G < (TARGET_PROGRAMS if on_gpu else INTERPRETER_TARGET_PROGRAMS):
+        return None
+    bc, bs = triton.next_power_of_2(Cg), triton.next_power_of_2(S)
+    for total, warps in RESIDENT_TILES:
+        if bc <= RESIDENT_MAX_BC and RESIDENT_MIN <= bc * bs <= total:
+            return bc, total // bc, warps
+    return None
+
+
+def plan(N: int, C: int, S: int, G: int, device: torch.device,
+         channels_last: bool = False) -> tuple[int, int, int, int]:
     """(BC, BS, nsplit, s_split): the tile, and the split of each group's S positions into nsplit
     ranges of s_split (a multiple of BS) positions, one program each."""
     Cg = C // G
-    bc, bs = config(Cg, S)
+    bc, bs = config(Cg, S, channels_last)
     target = TARGET_PROGRAMS if device.type == "cuda" else INTERPRETER_TARGET_PROGRAMS
     k = 1
     if N * G < target:
@@ -497,7 +583,7 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scal
     _check_ncs(x, "x")
     N, C, S = x.shape
     G, dev = num_groups, x.device
-    bc, bs, nsplit, s_split = plan(N, C, S, G, dev)
+    bc, bs, nsplit, s_split = plan(N, C, S, G, dev, _is_cl(x))
     y = _empty_ncs(x)
     mean = torch.empty((N, G), dtype=torch.float32, device=dev)
     rstd = torch.empty((N, G), dtype=torch.float32, device=dev)
@@ -506,14 +592,20 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scal
     SC, scn, scc = _nc_arg(scale, 1.0, dev)
     SH, shn, shc = _nc_arg(shift, 0.0, dev)
     part = torch.empty((N * G * nsplit, 3) if nsplit > 1 else (1,), dtype=torch.float32, device=dev)
+    warps = NUM_WARPS
+    res = resident_tile(N, C, S, G, dev, x.dtype)
+    if res is not None:
+        bc, bs, warps = res
 
     def launch(mode):
         _gn_fwd_kernel[(N * G * nsplit,)](
             x, y, W, Bi, SC, SH, mean, rstd, part, C, S, C // G, G, nsplit, s_split,
             x.stride(0), y.stride(0), sw, sb, scn, scc, shn, shc, float(eps), int(silu),
-            MODE=mode, CL=_is_cl(x), BC=bc, BS=bs, num_warps=NUM_WARPS)
+            MODE=mode, CL=_is_cl(x), BC=bc, BS=bs, num_warps=warps)
 
-    if nsplit == 1:
+    if res is not None:
+        launch(3)
+    elif nsplit == 1:
         launch(0)
     else:
         launch(1)
@@ -539,7 +631,7 @@ def group_norm_jvp(x: Tensor, x_dot: Optional[Tensor], weight: Optional[Tensor],
         _check_ncs(x_dot, "x_dot", like=x)
     N, C, S = x.shape
     G, dev = num_groups, x.device
-    bc, bs, nsplit, s_split = plan(N, C, S, G, dev)
+    bc, bs, nsplit, s_split = plan(N, C, S, G, dev, _is_cl(x))
     has_xd = x_dot is not None
     if not has_xd:
         nsplit, s_split = 1, S  # nothing to reduce: one apply pass
@@ -585,7 +677,7 @@ def group_norm_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bia
     N, C, S = x.shape
     G, dev = num_groups, x.device
     Cg = C // G
-    bc, bs, nsplit, s_split = plan(N, C, S, G, dev)
+    bc, bs, nsplit, s_split = plan(N, C, S, G, dev, _is_cl(x))
     dx = _empty_ncs(x)
     W, sw = _chan_arg(weight, 1.0, dev)
     Bi, sb = _chan_arg(bias, 0.0, dev)
@@ -624,6 +716,10 @@ def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs: every (kernel, dtype, layout, tile) the launchers can run on a GPU
 # ---------------------------------------------------------------------------------------------
+def _pow2_upto(n: int) -> list:
+    return [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+
+
 def _aot_specs() -> list:
     specs = []
     f32, i32, cx = "*fp32", "i32", "constexpr"
@@ -631,7 +727,7 @@ def _aot_specs() -> list:
     pstr = {k: i32 for k in ("stride_w", "stride_b", "stride_scn", "stride_scc", "stride_shn", "stride_shc")}
     for dtype, tt in _TT.items():
         for cl in (False, True):
-            for bc, bs in CONFIGS:
+            for bc, bs in configs(cl):
                 const = {"CL": cl, "BC": bc, "BS": bs}
                 tiles = {"CL": cx, "BC": cx, "BS": cx}
                 fwd = {"X": tt, "Y": tt, "W": f32, "Bi": f32, "SC": f32, "SH": f32, "MEAN": f32, "RSTD": f32,
@@ -640,6 +736,13 @@ def _aot_specs() -> list:
                 for mode in (0, 1, 2):
                     specs.append(spec("group_norm", _gn_fwd_kernel, fwd, {**const, "MODE": mode},
                                       num_warps=NUM_WARPS))
+            for total, warps in RESIDENT_TILES if dtype != torch.float64 else ():
+                for bc in _pow2_upto(RESIDENT_MAX_BC):
+                    specs.append(spec("group_norm", _gn_fwd_kernel, fwd,
+                                      {"CL": cl, "BC": bc, "BS": total // bc, "MODE": 3}, num_warps=warps))
+            for bc, bs in configs(cl):
+                const = {"CL": cl, "BC": bc, "BS": bs}
+                tiles = {"CL": cx, "BC": cx, "BS": cx}
                 jvp = {"X": tt, "XD": tt, "YD": tt, "W": f32, "Bi": f32, "SC": f32, "SH": f32, "WD": f32,
                        "BD": f32, "SCD": f32, "SHD": f32, "MEAN": f32, "RSTD": f32, "PART": f32, **sizes,
                        "stride_xn": i32, "stride_xdn": i32, "stride_ydn": i32, **pstr,

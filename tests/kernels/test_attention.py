@@ -606,7 +606,7 @@ def test_jvp_with_nondifferentiable_tangent(backend):
     for which, a, b, c in zip("qkv", g, g64, g32):
         assert_rule(a, b, c, torch.float32, f"d{which}")
     with pytest.raises(TypeError, match="differentiable_tangent must be a bool"):
-        scm_kernels.attention_jvp(*xs, *ts, **kw, differentiable_tangent=None)
+        scm_kernels.attention_jvp(*(x.to(device) for x in (*xs, *ts)), **kw, differentiable_tangent=None)
 
 
 @pytest.mark.cpu

@@ -245,6 +245,77 @@ def test_split_groups(kernel_backend, split_groups, layout):
     check_against_reference(name, device, kw, what=f"{name} split {layout}")
 
 
+@pytest.fixture
+def resident_groups(monkeypatch):
+    """Makes the Triton forward keep each group in registers (mode 3, as on a GPU when the padded
+    group fits RESIDENT_TILES and N*G programs fill it), here with small tiles and for any group."""
+    from scm_kernels.group_norm import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "RESIDENT_TILES", ((256, 1), (1024, 2)))
+    monkeypatch.setattr(triton_kernels, "RESIDENT_MIN", 1)
+    monkeypatch.setattr(triton_kernels, "RESIDENT_MAX_BC", 8)
+    monkeypatch.setattr(triton_kernels, "TARGET_PROGRAMS", 1)
+    if _interp:
+        monkeypatch.setattr(triton_kernels, "INTERPRETER_RESIDENT", True)
+
+
+@pytest.mark.parametrize("N,C,G,spatial,layout", [
+    (2, 6, 2, (5, 7), "contig"),         # Cg = 3, S = 35: padded to a (4, 64) tile of 256
+    (3, 16, 2, (10, 9), "channels_last"),  # Cg = 8, S = 90: (8, 128) of 1024
+    (1, 4, 4, (300,), "contig"),         # one channel per group, S = 300: (1, 1024)
+    (2, 8, 4, (2, 3, 4), "channels_last"),
+])
+def test_resident_groups(kernel_backend, resident_groups, N, C, G, spatial, layout):
+    """The forward's one-read mode 3 (the group held in registers) on groups that are not tile
+    multiples, both layouts; mean and rstd too (the JVP and backward read them)."""
+    name, device = kernel_backend
+    if name != "triton":
+        pytest.skip("mode 3 is the Triton forward's")
+    from scm_kernels.group_norm import triton_kernels
+
+    S = math.prod(spatial)
+    assert triton_kernels.resident_tile(N, C, S, G, torch.device(device)) is not None
+    kw = make_case(N, C, G, spatial, layout=layout, seed=N * C + S)
+    check_against_reference(name, device, kw, what=f"{name} resident {N},{C},{G},{spatial},{layout}")
+    x = kw["x"].to(device).reshape(N, C, -1)
+    _, mean, rstd = triton_kernels.group_norm(x, None, None, None, None, G, 1e-5, False)
+    xg = kw["x"].double().reshape(N, G, -1)
+    assert torch.allclose(mean.cpu().double(), xg.mean(-1), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rstd.cpu().double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4)
+
+
+def test_resident_unet_shape(kernel_backend):
+    """On a GPU, the shipped mode 3 at a U-Net shape (16 x 512 x 32 x 32, G = 32: 512 programs of
+    16 x 1024), bf16 and fp32, both layouts, against the float64 reference (the 2x rule)."""
+    name, device = kernel_backend
+    if name != "triton" or device != "cuda":
+        pytest.skip("mode 3 runs at this size on a GPU only")
+    from scm_kernels.group_norm import triton_kernels
+
+    assert triton_kernels.resident_tile(16, 512, 1024, 32, torch.device(device)) is not None
+    for dtype in (torch.bfloat16, torch.float32):
+        for layout in ("contig", "channels_last"):
+            kw = make_case(16, 512, 32, (32, 32), dtype=dtype, pdtype=torch.float32, layout=layout, seed=29)
+            check_against_reference(name, device, kw, what=f"resident U-Net {dtype} {layout}")
+
+
+def test_resident_tile_choice():
+    """On a GPU: mode 3 for the U-Net shapes whose padded group has 16384 elements and whose N*G
+    programs fill the GPU; never for a batch-1 call (split instead), a group too wide or too small."""
+    from scm_kernels.group_norm import triton_kernels as tk
+
+    cuda = torch.device("cuda")
+    assert tk.resident_tile(32, 512, 32 * 32, 32, cuda) == (16, 1024, 8)
+    assert tk.resident_tile(32, 384, 24 * 24, 32, cuda) == (16, 1024, 8)  # Cg = 12, S = 576: padded
+    assert tk.resident_tile(64, 768, 16 * 16, 32, cuda) is None      # 8192 elements: mode 0
+    assert tk.resident_tile(32, 256, 64 * 64, 32, cuda) is None      # 32768 elements
+    assert tk.resident_tile(1, 512, 32 * 32, 32, cuda) is None       # N*G = 32: split
+    assert tk.resident_tile(32, 32 * 32, 16 * 16, 32, cuda) is None  # Cg = 32 > RESIDENT_MAX_BC
+    assert tk.resident_tile(32, 512, 32 * 32, 32, torch.device("cpu")) is None
+    assert tk.resident_tile(32, 512, 32 * 32, 32, cuda, torch.float64) is None  # its tile spills
+    assert tk.resident_tile(32, 512, 32 * 32, 32, cuda, torch.bfloat16) == (16, 1024, 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerics
 # ---------------------------------------------------------------------------------------------
@@ -679,11 +750,20 @@ def test_aot_specs_cover_launchers():
     specs = tk.AOT_SPECS
     for s in specs:
         assert list(s.signature) == list(s.fn.arg_names), s.kernel_name
-        assert s.num_warps == tk.NUM_WARPS
+        if s.constexprs.get("MODE") != 3:
+            assert s.num_warps == tk.NUM_WARPS
+    for dtype, tt in tk._TT.items():  # mode 3: every (tile, warps) resident_tile can return
+        for cl in (False, True):
+            for total, warps in tk.RESIDENT_TILES:
+                for bc in (1, 2, 4, 8, 16, 32, 64):
+                    want = {"CL": cl, "BC": bc, "BS": total // bc, "MODE": 3}
+                    got = [s for s in specs if s.kernel_name == "_gn_fwd_kernel" and s.signature["X"] == tt
+                           and s.constexprs == want and s.num_warps == warps]
+                    assert len(got) == (bc <= tk.RESIDENT_MAX_BC and dtype != torch.float64), (tt, want)
     for kernel, modes in (("_gn_fwd_kernel", (0, 1, 2)), ("_gn_jvp_kernel", (None,)), ("_gn_bwd_kernel", (None,))):
         for tt in tk._TT.values():
             for cl in (False, True):
-                for bc, bs in tk.CONFIGS:
+                for bc, bs in tk.configs(cl):
                     for mode in modes:
                         want = {"CL": cl, "BC": bc, "BS": bs, **({"MODE": mode} if mode is not None else {})}
                         got = [s for s in specs if s.kernel_name == kernel and s.signature["X"] == tt
@@ -691,6 +771,10 @@ def test_aot_specs_cover_launchers():
                         assert len(got) == 1, (kernel, tt, want)
     for Cg, S in [(1, 1), (4, 1024), (8, 1024), (32, 16), (16, 4096), (3, 7)]:
         assert tk.config(Cg, S) in tk.CONFIGS
+        assert tk.config(Cg, S, True) in tk.configs(True)
+    # channels_last: the narrowest tile that covers the group's channels (one pass over each sector)
+    assert [tk.config(Cg, 4096, True)[0] for Cg in (1, 2, 3, 4, 8, 12, 16, 24, 32, 64)] == \
+        [2, 2, 4, 4, 8, 16, 16, 32, 32, 32]
 
 
 # ---------------------------------------------------------------------------------------------
