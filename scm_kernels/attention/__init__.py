@@ -26,7 +26,10 @@ mask is False or causality hides the key; P = softmax(s); out = P v.
   * precision: the fp32 matmul precision of the Triton kernels on GPU, "ieee" or "tf32"; default
     "ieee" when torch.get_float32_matmul_precision() is "highest" (PyTorch's default), else "tf32".
     "ieee" runs near-fp32 products on the tensor cores (tl.dot's 3xTF32 split: each product good to
-    about 2^-21 relative, sums in fp32), in the forward, the JVP and the backward alike.
+    about 2^-21 relative, sums in fp32), in the forward, the JVP and the backward alike. Where no
+    such kernel compiles without register spills (the JVP at heads wider than 128, the backward in
+    some families) the Triton backend computes that step with PyTorch fp32 matmuls over blocks of
+    query rows instead: O(block x Nk) memory, slower, the same numbers.
     The CPU kernels are always fp32 (fp64 for fp64 inputs).
 
 Forward-mode AD: under torch.func.jvp / forward_ad, `attention` sees the tangents of q, k, v (the

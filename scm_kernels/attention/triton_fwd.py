@@ -254,7 +254,6 @@ def _attn_program(
     D_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (query block, b·Hq) program of the forward (JVP False) or the fused JVP (A25)."""
-    HAS_TS: tl.constexpr = HAS_TQ or HAS_TK
     pid = tl.program_id(0)
     bh = pid // n_m_blocks
     pid_m = n_m_blocks - 1 - pid % n_m_blocks  # the longest (causal) query blocks first
@@ -426,7 +425,8 @@ _CFG = {
                       256: (32, 32, 8, 2, 0)},
     ("jvp", "tf32"): {32: (32, 32, 8, 2, 0), 64: (32, 32, 8, 2, 0), 128: (16, 32, 8, 2, 0),
                       256: (16, 16, 8, 2, 64)},
-    # no fp32-accurate (3xTF32) JVP at d > 128: every tile tried spills (see _config)
+    # no fp32-accurate (3xTF32) JVP kernel at d > 128: every tile tried spills; attention_jvp runs
+    # _jvp_blockwise (PyTorch fp32 matmuls over query blocks) there
     ("jvp", "ieee"): {32: (16, 32, 4, 2, 0), 64: (16, 32, 4, 2, 0), 128: (16, 16, 8, 2, 0)},
 }
 # Hopper (sm_90) entries where a larger tile runs faster than the shared table's and does not spill there
@@ -645,8 +645,70 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Opt
         return out, torch.zeros_like(out), lse, torch.zeros_like(lse)
     for name, t, p in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         assert t is None or (t.shape == p.shape and t.dtype == p.dtype), (name, tuple(t.shape), t.dtype)
-    has = given if given in JVP_TANGENT_SETS[_cls(q.dtype, precision)] else (True, True, True)
+    cls = _cls(q.dtype, precision)
+    block_d = head_dim_bucket(_round8(q.shape[-1]), _round8(v.shape[-1]))
+    if block_d not in _CFG[("jvp", cls)] and (not triton_interpret() or INTERPRETER_JVP_BLOCKWISE):
+        return _jvp_blockwise(q, k, v, tq, tk, tv, mask, is_causal, scale)
+    has = given if given in JVP_TANGENT_SETS[cls] else (True, True, True)
     out, tout, lse, mu = _run("jvp", q, k, v, (tq, tk, tv), mask, is_causal, scale, precision, has)
+    return out, tout, lse, mu
+
+
+INTERPRETER_JVP_BLOCKWISE = False  # the tests make the interpreter take _jvp_blockwise too
+_BLOCKWISE_ELEMS = 1 << 24  # fp32 elements of one (query block x keys) temporary of _jvp_blockwise
+
+
+def _jvp_blockwise(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
+                   tv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple:
+    """(out, out_tangent, lse, mu) of the JVP kernel (A24-A25), computed with PyTorch matmuls in fp32
+    over blocks of query rows: O(block x Nk) memory, exact fp32 products (the "ieee" precision). For
+    the JVP families that have no kernel tile (fp32 "ieee" at heads wider than 128: every tile tried
+    spills, see _CFG); fully masked rows give out = 0, out_tangent = 0 and lse = +inf, as the kernel."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = _shapes(q, k, v)
+    G = Hq // Hkv
+    f = torch.float32
+    out, tout = _out_like(q, B, Hq, Nq, Dv), _out_like(q, B, Hq, Nq, Dv)
+    lse = torch.empty((B, Hq, Nq), dtype=f, device=q.device)
+    mu = torch.empty((B, Hq, Nq), dtype=f, device=q.device)
+
+    def kv(x):  # (B, Hkv, 1, Nk, .) fp32, broadcast over the G query heads of a group
+        return None if x is None else x.to(f).unsqueeze(2)
+
+    def qs(x, i0, i1):  # (B, Hkv, G, m, .) fp32 rows i0:i1
+        return None if x is None else x[:, :, i0:i1].to(f).reshape(B, Hkv, G, i1 - i0, x.shape[-1])
+
+    k32, v32, tk32, tv32 = kv(k), kv(v), kv(tk), kv(tv)
+    cols = torch.arange(Nk, device=q.device)
+    step = max(16, min(Nq, _BLOCKWISE_ELEMS // max(1, B * Hq * Nk)))
+    for i0 in range(0, Nq, step):
+        i1 = min(Nq, i0 + step)
+        qb, tqb = qs(q, i0, i1), qs(tq, i0, i1)
+        s = scale * (qb @ k32.transpose(-1, -2))
+        if mask is not None:
+            mb = mask[:, :, i0:i1] if mask.dim() == 4 else mask
+            mb = mb.expand(B, Hq, i1 - i0, Nk).reshape(B, Hkv, G, i1 - i0, Nk)
+            s = s.masked_fill(~mb, float("-inf")) if mb.dtype == torch.bool else s + mb.to(f)
+        if is_causal:
+            rows = torch.arange(i0, i1, device=q.device)
+            s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        m = torch.logsumexp(s, dim=-1, keepdim=True)
+        m = torch.where(torch.isneginf(m), torch.full_like(m, math.inf), m)  # fully masked rows
+        p = torch.exp(s - m)
+        sd = torch.zeros_like(s)
+        if tqb is not None:
+            sd = sd + tqb @ k32.transpose(-1, -2)
+        if tk32 is not None:
+            sd = sd + qb @ tk32.transpose(-1, -2)
+        sd = scale * sd
+        mub = (p * sd).sum(-1, keepdim=True)
+        ob = p @ v32
+        tob = (p * (sd - mub)) @ v32
+        if tv32 is not None:
+            tob = tob + p @ tv32
+        out[:, :, i0:i1] = ob.reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
+        tout[:, :, i0:i1] = tob.reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
+        lse[:, :, i0:i1] = m.reshape(B, Hq, i1 - i0)
+        mu[:, :, i0:i1] = mub.reshape(B, Hq, i1 - i0)
     return out, tout, lse, mu
 
 

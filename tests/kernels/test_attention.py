@@ -293,15 +293,35 @@ def test_awkward_cases(kernel_backend, case, dtype):
     xs, kw, ts = make_case(**AWKWARD[case], dtype=dtype, seed=len(case))
     check_forward(name, device, xs, kw, dtype)
     check_backward(name, device, xs, kw, dtype)
-    if (name == "triton" and device != "cpu" and dtype == torch.float32 and AWKWARD[case]["D"] > 128
-            and torch.get_float32_matmul_precision() == "highest"):
-        # A documented limit: the tangent kernels at 3xTF32 ("ieee") have no spill-free tile for
-        # 256-wide heads on sm_80/sm_90. They say so rather than run slowly or silently in tf32.
-        with pytest.raises(NotImplementedError, match=r"precision='ieee' .* supports head dims up to 128"):
-            scm_kernels.attention_jvp(*_run(name, device, xs), *_run(name, device, ts), **kw, backend=name)
-        return
     check_jvp(name, device, xs, kw, ts, dtype)
     check_jvp_backward(name, device, xs, kw, ts, dtype, (1, 1))
+
+
+@pytest.mark.parametrize("case", ["d=256", "gqa8:2", "bool mask, masked rows", "additive mask (B,1,1,Nk)",
+                                  "causal Nq>Nk", "(B,N,H,D) views", "dv!=dqk"])
+def test_jvp_blockwise_fallback(kernel_backend, monkeypatch, case):
+    """The JVP families without a kernel tile (fp32 "ieee" at heads wider than 128, e.g. CIFAR-10
+    DDPM++'s single 256-wide head) run _jvp_blockwise on a GPU; here forced for every head width
+    under the interpreter: out, out_tangent, and the backward through both (it reads lse and mu),
+    against the float64 reference, one tangent absent too."""
+    name, device = kernel_backend
+    if name != "triton":
+        pytest.skip("the Triton launcher's fallback")
+    from scm_kernels.attention import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "INTERPRETER_JVP_BLOCKWISE", True)
+    monkeypatch.setattr(triton_fwd, "_CFG", {**triton_fwd._CFG, ("jvp", "ieee"): {}})
+    monkeypatch.setattr(triton_fwd, "_BLOCKWISE_ELEMS", 64)  # several query blocks
+    called = []
+    real = triton_fwd._jvp_blockwise
+    monkeypatch.setattr(triton_fwd, "_jvp_blockwise", lambda *a: called.append(1) or real(*a))
+    dtype = torch.float32
+    xs, kw, ts = make_case(**AWKWARD[case], dtype=dtype, seed=len(case))
+    check_jvp(name, device, xs, kw, ts, dtype)
+    check_jvp_backward(name, device, xs, kw, ts, dtype, (1, 1))
+    xs, kw, ts = make_case(**AWKWARD[case], dtype=dtype, seed=len(case), tangents=(False, True, True))
+    check_jvp(name, device, xs, kw, ts, dtype)
+    assert called
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.4], ids=["zero", "negative"])
@@ -338,12 +358,7 @@ def test_fp32_wide_heads(kernel_backend, D, mask):
     xs, kw, ts = make_case(B=1, Hq=2, Nq=21, Nk=27, D=D, mask=mask, dtype=dtype, seed=D)
     check_forward(name, device, xs, kw, dtype)
     check_backward(name, device, xs, kw, dtype)
-    if name == "triton" and device != "cpu" and torch.get_float32_matmul_precision() == "highest":
-        with pytest.raises(NotImplementedError, match=r"precision='ieee' .* supports head dims up to 128"):
-            scm_kernels.attention_jvp(*_run(name, device, xs), *_run(name, device, ts), **_kw_on(kw, device),
-                                      backend=name)
-        return
-    check_jvp(name, device, xs, kw, ts, dtype)
+    check_jvp(name, device, xs, kw, ts, dtype)  # on a GPU: _jvp_blockwise (no 3xTF32 JVP tile at d > 128)
     xs, kw, ts = make_case(B=1, Hq=2, Nq=21, Nk=27, D=D, mask=mask, dtype=dtype, seed=D, tangents=(True, False, True))
     check_jvp(name, device, xs, kw, ts, dtype)
 
