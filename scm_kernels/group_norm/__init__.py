@@ -18,7 +18,10 @@ passes scale = pixel_norm(s(emb)), shift = pixel_norm(b(emb)) (A11, see scm_kern
 Derivatives: loss.backward(), torch.func.jvp and torch.autograd.forward_ad dual tensors, w.r.t. x,
 weight, bias, scale and shift, also deep inside a model that is JVP'ed as a whole. Backward and
 JVP are deterministic (fixed reduction orders, no atomics). Statistics and arithmetic are fp32;
-y has x's dtype; gradients come back in each argument's own dtype.
+y has x's dtype; gradients come back in each argument's own dtype. A backward that is itself
+differentiated (create_graph=True double backward, torch.func.grad of grad, jvp over grad for
+Hessian-vector products, e.g. a gradient penalty) runs (A30) in differentiable plain PyTorch
+instead of the kernel (function.reference_backward): exact second derivatives.
 
 Layouts: contiguous NCHW and channels_last (NHWC / NDHWC, or (N, L, C) memory for 1-D) inputs,
 and batch slices of them, run without copies and give outputs in the same layout. Other strides

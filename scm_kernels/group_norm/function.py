@@ -27,7 +27,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_differentiated_backward
+from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import KernelTable
 
 
@@ -121,6 +121,48 @@ def forward_kernel(x, weight, bias, scale, shift, num_groups, eps, silu, name):
     return nd_view(y3, x.shape), mean, rstd
 
 
+def reference_backward(grad_y, x, weight, bias, scale, shift, num_groups, eps, silu):
+    """(A30) in differentiable plain PyTorch: (dx, dgamma, dbeta, dscale, dshift), None for an absent
+    operand, for a backward that is itself differentiated (double backward, forward-over-reverse):
+    autograd and forward-mode AD see every operation. In fp32 (fp64 for fp64 inputs); dx comes back in
+    x's dtype and shape (contiguous), the others in their operands' dtypes."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    xg = x.to(f).reshape(N, G, -1)
+    mu = xg.mean(-1, keepdim=True)
+    r = (((xg - mu) ** 2).mean(-1, keepdim=True) + eps).rsqrt()
+    xh = ((xg - mu) * r).reshape(N, C, -1)
+    gam = weight.to(f)[None, :, None] if weight is not None else None
+    bet = bias.to(f)[None, :, None] if bias is not None else None
+    s = scale.to(f)[:, :, None] if scale is not None else None
+    a = xh * gam if gam is not None else xh
+    a = a + bet if bet is not None else a
+    a = a * s if s is not None else a
+    a = a + shift.to(f)[:, :, None] if shift is not None else a
+    da = grad_y.to(f).reshape(N, C, -1)
+    if silu:
+        sig = torch.sigmoid(a)
+        da = da * (sig * (1 + a * (1 - sig)))
+    A = da
+    A = A * gam if gam is not None else A
+    A = A * s if s is not None else A  # dx^ = da gamma s
+    dxh, xhg = A.reshape(N, G, -1), xh.reshape(N, G, -1)
+    dx = r * (dxh - dxh.mean(-1, keepdim=True) - xhg * (dxh * xhg).mean(-1, keepdim=True))
+    p1, p2 = (da * xh).sum(-1), da.sum(-1)  # (N, C): sum da x^, sum da
+    sn = scale.to(f) if scale is not None else None
+    dw = ((p1 * sn).sum(0) if sn is not None else p1.sum(0)) if weight is not None else None
+    db = ((p2 * sn).sum(0) if sn is not None else p2.sum(0)) if bias is not None else None
+    ds = None
+    if scale is not None:
+        ds = p1 * weight.to(f) if weight is not None else p1
+        ds = ds + p2 * bias.to(f) if bias is not None else ds
+    dsh = p2 if shift is not None else None
+    out = [dx.reshape(x.shape).to(x.dtype)]
+    for g, p in ((dw, weight), (db, bias), (ds, scale), (dsh, shift)):
+        out.append(None if g is None else g.to(p.dtype))
+    return tuple(out)
+
+
 class GroupNormFunction(torch.autograd.Function):
     """y = act((GN(x) gamma + beta) s + b) (A28), backward (A30), jvp (A29); see the module docstring."""
 
@@ -136,16 +178,19 @@ class GroupNormFunction(torch.autograd.Function):
         saved = (x, weight, bias, scale, shift, mean, rstd)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
-        ctx.consts = (int(num_groups), bool(silu), name)
+        ctx.consts = (int(num_groups), bool(silu), name, float(eps))
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        refuse_differentiated_backward("group_norm", ctx, grad_y)
+        G, silu, name, eps = ctx.consts
+        need = ctx.needs_input_grad
+        if backward_is_differentiated(ctx, grad_y):
+            x, weight, bias, scale, shift, _, _ = ctx.saved_tensors
+            grads = reference_backward(grad_y, x, weight, bias, scale, shift, G, eps, silu)
+            return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
         x, weight, bias, scale, shift, mean, rstd = _detached(ctx.saved_tensors)
-        G, silu, name = ctx.consts
         dy = matched(x, grad_y.detach())
         dx3, p1, p2 = BACKWARD[name](ncs_view(dy), ncs_view(x), weight, bias, scale, shift, mean, rstd, G, silu)
-        need = ctx.needs_input_grad
         dx = nd_view(dx3, x.shape) if need[0] else None
         dw = db = ds = dsh = None
         if need[1]:  # dgamma_c = sum_n s P1 (A30)
@@ -163,7 +208,7 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_dot, w_dot, b_dot, s_dot, sh_dot, *_):
         x, weight, bias, scale, shift, mean, rstd = _detached(ctx.saved_tensors)
-        G, silu, name = ctx.consts
+        G, silu, name, _ = ctx.consts
         xd3 = ncs_view(matched(x, x_dot)) if x_dot is not None else None
         yd3 = JVP[name](ncs_view(x), xd3, weight, bias, scale, shift, w_dot, b_dot, s_dot, sh_dot, mean, rstd,
                         G, silu)

@@ -4,9 +4,10 @@ tensors with a create_graph backward.
 
 The fused kernels' backward passes detach their inputs and have no derivative of their own, so
 without care the derivative of a gradient comes out as zero, silently. Attention computes it: such a
-backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there). The other ops
-refuse with NotImplementedError naming the op; trigflow_step's backward is made of its own
-differentiable Functions and is exact.
+backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there), group_norm's runs
+(A30) in differentiable plain PyTorch, and trigflow_step's backward is made of its own
+differentiable Functions: all three are exact. The other ops refuse with NotImplementedError
+naming the op.
 """
 
 from __future__ import annotations
@@ -142,20 +143,75 @@ def _other_ops(device, dtype):
 @pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("op", ["group_norm", "pixel_norm", "time_embedding", "scm_loss", "trigflow_step"])
 def test_other_ops_differentiated_backward(kernel_backend, op, how):
-    """Every other op either gives the reference's second derivative (trigflow_step) or refuses with
-    NotImplementedError naming the op; never a zero derivative."""
+    """Every other op either gives the reference's second derivative (trigflow_step, group_norm) or
+    refuses with NotImplementedError naming the op; never a zero derivative."""
     name, device = kernel_backend
     dtype = _dtype(name)
     make, z = _other_ops(device, dtype)[op]
-    tz = torch.ones_like(z)
-    if op == "trigflow_step":
-        _, got = _second(how, make(name), [z], [tz])
-        _, want = _second(how, make("reference"), [z], [tz])
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # not a constant direction: group_norm's output does not change along one (per group)
+    tz = torch.linspace(-1.0, 1.0, z.numel(), dtype=torch.float64).reshape(z.shape).to(device, dtype)
+    if op in ("trigflow_step", "group_norm"):
+        g, got = _second(how, make(name), [z], [tz])
+        g_want, want = _second(how, make("reference"), [z], [tz])
+        # the kernels' forward statistics are fp32 for every dtype (the gradient's input 2y carries it)
+        tol = _tol(torch.float32) if op == "group_norm" else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g[0], g_want[0], **tol)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        assert float(want[0].abs().max()) > 1e-3  # a real second derivative, not a pair of zeros
         return
     with pytest.raises(NotImplementedError, match=rf"scm_kernels\.{op}: differentiating through its backward"):
         _second(how, make(name), [z], [tz])
     _second(how, make("reference"), [z], [tz])  # the way out the message names works
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_group_norm_second_derivatives(kernel_backend, how, layout):
+    """group_norm's differentiated backward ((A30) in differentiable PyTorch) w.r.t. all five
+    operands at once (x, gamma, beta, scale, shift), SiLU and modulation on, both layouts: the
+    reference's gradient and Hessian-vector product."""
+    name, device = kernel_backend
+    dtype = _dtype(name)
+    gen = torch.Generator().manual_seed(9)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    x = r(2, 8, 3, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x, r(8), r(8), r(2, 8), r(2, 8)]
+    ts = [r(*t.shape) for t in xs]
+
+    def make(be):
+        def loss(x, w, b, sc, sh):
+            y = sk.group_norm(x, 4, w, b, scale=sc, shift=sh, activation="silu", backend=be)
+            return (y * y * torch.linspace(0.5, 1.5, y.shape[-1], device=device, dtype=dtype)).sum()
+        return loss
+
+    g, got = _second(how, make(name), xs, ts)
+    g_want, want = _second(how, make("reference"), xs, ts)
+    for a, b, c, d in zip(g, g_want, got, want):  # fp32 statistics in the kernels' forward, any dtype
+        torch.testing.assert_close(a, b, **_tol(torch.float32))
+        torch.testing.assert_close(c, d, **_tol(torch.float32))
+        assert float(d.abs().max()) > 1e-3
+
+
+def test_group_norm_gradgradcheck(kernel_backend):
+    """torch.autograd.gradgradcheck of group_norm on the float64 backends: the double backward
+    against finite differences of the first backward. The kernels compute in fp32 (also the first
+    backward that the differences evaluate), so eps = 1e-3 as in test_group_norm.py's gradcheck."""
+    name, device = kernel_backend
+    if _dtype(name) != torch.float64:
+        pytest.skip("gradgradcheck needs float64")
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+          for s in ((2, 4, 3, 2), (4,), (4,), (2, 4), (2, 4))]
+
+    def f(x, w, b, sc, sh):
+        return sk.group_norm(x, 2, w, b, scale=sc, shift=sh, activation="silu", backend=name)
+
+    assert torch.autograd.gradgradcheck(f, xs, eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
 def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
@@ -170,6 +226,9 @@ def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
         raise AssertionError("reference_backward taken on a first-order path")
 
     monkeypatch.setattr(function, "reference_backward", boom)
+    from scm_kernels.group_norm import function as gn_function
+
+    monkeypatch.setattr(gn_function, "reference_backward", boom)
     dtype = _dtype(name)
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=dtype, device=device) for _ in range(3))
 
