@@ -21,13 +21,9 @@ import math
 
 import torch
 
+from benchmarks.gpu_overhead import graph_ms
+
 SHAPES = ((32, 512, 64, 64), (32, 256, 64, 64), (32, 512, 32, 32), (64, 768, 16, 16), (8, 256, 32, 32))
-
-
-def _graph_ms(fn, n: int = 20) -> float:
-    from benchmarks.gpu_overhead import graph_ms
-
-    return graph_ms(fn, n)
 
 
 def _params(N: int, C: int) -> dict:
@@ -42,7 +38,7 @@ def _copy_ms(shape, dtype) -> float:
     """Device time of y.copy_(x) for one x of this shape and dtype."""
     x = torch.randn(*shape, device="cuda", dtype=dtype)
     y = torch.empty_like(x)
-    return _graph_ms(lambda: y.copy_(x))
+    return graph_ms(lambda: y.copy_(x))
 
 
 def cases(shape, dtype, channels_last: bool, G: int = 32):
@@ -119,7 +115,7 @@ def main(argv=None) -> int:
                         try:
                             for name, nbytes, fn in cases(shape, dtypes[dname], cl):
                                 if name == kernel:
-                                    ms = _graph_ms(fn)
+                                    ms = graph_ms(fn)
                                     rows.append((label, ms, nbytes / ms / 1e6))
                         except Exception as e:  # out of resources: a row, not the end of the sweep
                             rows.append((label, math.nan, math.nan))

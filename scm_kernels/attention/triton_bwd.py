@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from scm_kernels._spec import spec
+from scm_kernels.attention.blockwise import Blocks
 
 LOG2E = 1.4426950408889634
 PRECISIONS = ("ieee", "tf32")
@@ -512,43 +513,28 @@ def _row_statistic(do, g, out, out_t):
 
 
 FORCE_BLOCKWISE = False  # tests: run the blockwise fallback instead of the kernels
-_BLOCKWISE_ELEMS = 1 << 24  # fp32 elements of one (query block x keys) temporary of the fallback
 
 
 def _blockwise(do, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, scale, dq, dk, dv):
     """The dk/dv and dq kernels' results ((A26), or the dq, dk, dv of (A27) when g is given), computed
-    with PyTorch matmuls in fp32 over blocks of query rows: O(block x Nk) memory, a fixed order of
-    summation (deterministic). The launchers use it where no kernel configuration compiles without
-    register spills (see GPU_CONFIGS). Writes the outputs that are not None."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    with PyTorch matmuls in fp32 over blocks of query rows (scm_kernels.attention.blockwise): O(block x
+    Nk) memory, a fixed order of summation (deterministic). The launchers use it where no kernel
+    configuration compiles without register spills (see GPU_CONFIGS). Writes the outputs that are not
+    None."""
+    D, Hkv, Nk = q.shape[-1], k.shape[1], k.shape[2]
     f = torch.float32
-
-    def kv(x):  # (B, Hkv, 1, Nk, .) fp32, broadcast over the G query heads of the group
-        return None if x is None else x.to(f).unsqueeze(2)
-
-    def qs(x, i0, i1):  # (B, Hkv, G, m, .) fp32 rows i0:i1
-        return None if x is None else x[:, :, i0:i1].to(f).reshape(B, Hkv, G, i1 - i0, x.shape[-1])
+    bl = Blocks(q, k, mask, is_causal, scale)
+    qs = bl.rows
 
     def st(x, i0, i1):  # row statistics (B, Hkv, G, m, 1)
-        return None if x is None else x[:, :, i0:i1].reshape(B, Hkv, G, i1 - i0, 1)
+        return None if x is None else x[:, :, i0:i1].reshape(bl.B, Hkv, bl.G, i1 - i0, 1)
 
-    k32, v32, tk32, tv32 = kv(k), kv(v), kv(tk), kv(tv)
-    acc_dk = torch.zeros(B, Hkv, Nk, D, dtype=f, device=q.device) if dk is not None else None
-    acc_dv = torch.zeros(B, Hkv, Nk, v.shape[-1], dtype=f, device=q.device) if dv is not None else None
-    step = max(16, min(Nq, _BLOCKWISE_ELEMS // max(1, B * Hq * Nk)))
-    cols = torch.arange(Nk, device=q.device)
-    for i0 in range(0, Nq, step):
-        i1 = min(Nq, i0 + step)
+    k32, v32, tk32, tv32 = bl.kv(k), bl.kv(v), bl.kv(tk), bl.kv(tv)
+    acc_dk = torch.zeros(bl.B, Hkv, Nk, D, dtype=f, device=q.device) if dk is not None else None
+    acc_dv = torch.zeros(bl.B, Hkv, Nk, v.shape[-1], dtype=f, device=q.device) if dv is not None else None
+    for i0, i1 in bl.ranges():
         qb, dob, gb, tqb = qs(q, i0, i1), qs(do, i0, i1), qs(g, i0, i1), qs(tq, i0, i1)
-        s = scale * (qb @ k32.transpose(-1, -2))
-        if mask is not None:
-            mb = mask[:, :, i0:i1].reshape(B, Hkv, G, i1 - i0, Nk)
-            s = s.masked_fill(~mb, float("-inf")) if mask.dtype == torch.bool else s + mb
-        if is_causal:
-            rows = torch.arange(i0, i1, device=q.device)
-            s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        s = bl.scores(qb, k32, i0, i1)
         p = torch.exp(s - st(lse, i0, i1))
         dp = dob @ v32.transpose(-1, -2) if dob is not None else torch.zeros_like(p)
         if gb is not None:
@@ -568,7 +554,7 @@ def _blockwise(do, g, q, k, v, tq, tk, tv, lse, delta, mu, nu, mask, is_causal, 
             r = ds @ k32
             if gb is not None and tk32 is not None:
                 r = r + dsd @ tk32
-            dq[:, :, i0:i1] = (scale * r).reshape(B, Hq, i1 - i0, D).to(dq.dtype)
+            dq[:, :, i0:i1] = bl.ungroup(scale * r).to(dq.dtype)
         if acc_dk is not None:
             r = ds.transpose(-1, -2) @ qb
             if gb is not None and tqb is not None:

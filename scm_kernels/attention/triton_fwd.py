@@ -70,6 +70,7 @@ import triton.language as tl
 from torch import Tensor
 
 from scm_kernels._spec import spec
+from scm_kernels.attention.blockwise import Blocks
 from scm_kernels.backend import triton_interpret
 
 PRECISIONS = ("ieee", "tf32")
@@ -655,42 +656,24 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Opt
 
 
 INTERPRETER_JVP_BLOCKWISE = False  # the tests make the interpreter take _jvp_blockwise too
-_BLOCKWISE_ELEMS = 1 << 24  # fp32 elements of one (query block x keys) temporary of _jvp_blockwise
 
 
 def _jvp_blockwise(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
                    tv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple:
     """(out, out_tangent, lse, mu) of the JVP kernel (A24-A25), computed with PyTorch matmuls in fp32
-    over blocks of query rows: O(block x Nk) memory, exact fp32 products (the "ieee" precision). For
-    the JVP families that have no kernel tile (fp32 "ieee" at heads wider than 128: every tile tried
-    spills, see _CFG); fully masked rows give out = 0, out_tangent = 0 and lse = +inf, as the kernel."""
-    B, Hq, Hkv, Nq, Nk, D, Dv = _shapes(q, k, v)
-    G = Hq // Hkv
-    f = torch.float32
+    over blocks of query rows (scm_kernels.attention.blockwise): O(block x Nk) memory, exact fp32
+    products (the "ieee" precision). For the JVP families that have no kernel tile (fp32 "ieee" at
+    heads wider than 128: every tile tried spills, see _CFG); fully masked rows give out = 0,
+    out_tangent = 0 and lse = +inf, as the kernel."""
+    B, Hq, _, Nq, _, _, Dv = _shapes(q, k, v)
     out, tout = _out_like(q, B, Hq, Nq, Dv), _out_like(q, B, Hq, Nq, Dv)
-    lse = torch.empty((B, Hq, Nq), dtype=f, device=q.device)
-    mu = torch.empty((B, Hq, Nq), dtype=f, device=q.device)
-
-    def kv(x):  # (B, Hkv, 1, Nk, .) fp32, broadcast over the G query heads of a group
-        return None if x is None else x.to(f).unsqueeze(2)
-
-    def qs(x, i0, i1):  # (B, Hkv, G, m, .) fp32 rows i0:i1
-        return None if x is None else x[:, :, i0:i1].to(f).reshape(B, Hkv, G, i1 - i0, x.shape[-1])
-
-    k32, v32, tk32, tv32 = kv(k), kv(v), kv(tk), kv(tv)
-    cols = torch.arange(Nk, device=q.device)
-    step = max(16, min(Nq, _BLOCKWISE_ELEMS // max(1, B * Hq * Nk)))
-    for i0 in range(0, Nq, step):
-        i1 = min(Nq, i0 + step)
-        qb, tqb = qs(q, i0, i1), qs(tq, i0, i1)
-        s = scale * (qb @ k32.transpose(-1, -2))
-        if mask is not None:
-            mb = mask[:, :, i0:i1] if mask.dim() == 4 else mask
-            mb = mb.expand(B, Hq, i1 - i0, Nk).reshape(B, Hkv, G, i1 - i0, Nk)
-            s = s.masked_fill(~mb, float("-inf")) if mb.dtype == torch.bool else s + mb.to(f)
-        if is_causal:
-            rows = torch.arange(i0, i1, device=q.device)
-            s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    mu = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    bl = Blocks(q, k, mask, is_causal, scale)
+    k32, v32, tk32, tv32 = bl.kv(k), bl.kv(v), bl.kv(tk), bl.kv(tv)
+    for i0, i1 in bl.ranges():
+        qb, tqb = bl.rows(q, i0, i1), bl.rows(tq, i0, i1)
+        s = bl.scores(qb, k32, i0, i1)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.full_like(m, math.inf), m)  # fully masked rows
         p = torch.exp(s - m)
@@ -701,14 +684,13 @@ def _jvp_blockwise(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Op
             sd = sd + qb @ tk32.transpose(-1, -2)
         sd = scale * sd
         mub = (p * sd).sum(-1, keepdim=True)
-        ob = p @ v32
         tob = (p * (sd - mub)) @ v32
         if tv32 is not None:
             tob = tob + p @ tv32
-        out[:, :, i0:i1] = ob.reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
-        tout[:, :, i0:i1] = tob.reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
-        lse[:, :, i0:i1] = m.reshape(B, Hq, i1 - i0)
-        mu[:, :, i0:i1] = mub.reshape(B, Hq, i1 - i0)
+        out[:, :, i0:i1] = bl.ungroup(p @ v32).to(q.dtype)
+        tout[:, :, i0:i1] = bl.ungroup(tob).to(q.dtype)
+        lse[:, :, i0:i1] = bl.ungroup(m)[..., 0]
+        mu[:, :, i0:i1] = bl.ungroup(mub)[..., 0]
     return out, tout, lse, mu
 
 

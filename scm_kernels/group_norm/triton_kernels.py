@@ -716,10 +716,6 @@ def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs: every (kernel, dtype, layout, tile) the launchers can run on a GPU
 # ---------------------------------------------------------------------------------------------
-def _pow2_upto(n: int) -> list:
-    return [1 << i for i in range(n.bit_length()) if 1 << i <= n]
-
-
 def _aot_specs() -> list:
     specs = []
     f32, i32, cx = "*fp32", "i32", "constexpr"
@@ -737,7 +733,7 @@ def _aot_specs() -> list:
                     specs.append(spec("group_norm", _gn_fwd_kernel, fwd, {**const, "MODE": mode},
                                       num_warps=NUM_WARPS))
             for total, warps in RESIDENT_TILES if dtype != torch.float64 else ():
-                for bc in _pow2_upto(RESIDENT_MAX_BC):
+                for bc in (1 << i for i in range(RESIDENT_MAX_BC.bit_length())):  # powers of two up to it
                     specs.append(spec("group_norm", _gn_fwd_kernel, fwd,
                                       {"CL": cl, "BC": bc, "BS": total // bc, "MODE": 3}, num_warps=warps))
             for bc, bs in configs(cl):

@@ -311,7 +311,9 @@ def test_jvp_blockwise_fallback(kernel_backend, monkeypatch, case):
 
     monkeypatch.setattr(triton_fwd, "INTERPRETER_JVP_BLOCKWISE", True)
     monkeypatch.setattr(triton_fwd, "_CFG", {**triton_fwd._CFG, ("jvp", "ieee"): {}})
-    monkeypatch.setattr(triton_fwd, "_BLOCKWISE_ELEMS", 64)  # several query blocks
+    from scm_kernels.attention import blockwise
+
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMS", 64)  # several query blocks
     called = []
     real = triton_fwd._jvp_blockwise
     monkeypatch.setattr(triton_fwd, "_jvp_blockwise", lambda *a: called.append(1) or real(*a))
