@@ -174,9 +174,7 @@ SCM_ATTN_CLONES T row_max(const T* __restrict s, i64 n) {
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) acc[l] = s[j + l] > acc[l] ? s[j + l] : acc[l];
   for (int l = 0; j < n; ++j, ++l) acc[l] = s[j] > acc[l] ? s[j] : acc[l];
-  for (int w = kLanes / 2; w >= 1; w /= 2)  // pairwise, like fold_sum: log2(kLanes) dependent steps
-    for (int l = 0; l < w; ++l) acc[l] = acc[l + w] > acc[l] ? acc[l + w] : acc[l];
-  return acc[0];
+  return fold_pairwise<kLanes>(acc, [](auto& a, const auto& b) { a = b > a ? b : a; });
 }
 
 // sum_j x_j.
