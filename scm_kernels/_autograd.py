@@ -71,14 +71,3 @@ def backward_is_differentiated(ctx, *grads) -> bool:
         return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
                    for t in (*grads, *ctx.saved_tensors))
     return False
-
-
-def refuse_differentiated_backward(op: str, ctx, *grads) -> None:
-    """NotImplementedError when the backward of `op` is itself differentiated (see
-    backward_is_differentiated): that derivative would otherwise be lost."""
-    if backward_is_differentiated(ctx, *grads):
-        raise NotImplementedError(
-            f"scm_kernels.{op}: differentiating through its backward (a create_graph=True backward such as a "
-            "gradient penalty, torch.func.grad of torch.func.grad, or torch.func.jvp over torch.func.grad such as "
-            "a Hessian-vector product) is not implemented by the fused kernels; use backend='reference' for that "
-            "computation")

@@ -40,7 +40,7 @@ it (tangents of an outer level under nested transforms). Second derivatives thro
 (create_graph=True double backward, torch.func.grad of torch.func.grad, torch.func.jvp over
 torch.func.grad for Hessian-vector products) are exact: such a backward runs (A26) in
 differentiable plain PyTorch (O(N^2) memory there only). Through attention_jvp's backward (A27)
-they are refused with NotImplementedError, as pixel_norm's, time_embedding's and scm_loss's are.
+they are refused with NotImplementedError (the only op that refuses them).
 torch.compile: a model calling `attention` compiles (forward and backward, fullgraph). A JVP of a
 compiled function is refused with a clear error (dynamo drops custom JVP rules, pytorch issue
 192985, which would give wrong tangents silently).

@@ -12,6 +12,8 @@ layout.
     y_dot = r (a_dot - a r^2 mean_c(a a_dot)) = r (a_dot - y mean_c(y a_dot))
     da    = r (dy - a r^2 mean_c(a dy))          (the Jacobian is symmetric)
 The forward returns r (O, I) float32 as a non-differentiable output, saved for backward and jvp.
+A backward that is itself differentiated (double backward, torch.func.grad of grad, jvp over grad)
+runs the da formula in differentiable PyTorch (reference_backward) instead of the kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_differentiated_backward
+from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import KernelTable
 
 
@@ -83,6 +85,16 @@ def forward_kernel(a, dim, eps, name):
     return v.back(y3), rstd
 
 
+def reference_backward(grad, a, dim, eps):
+    """(A11)'s backward da = r (dy - a r^2 mean_c(a dy)) in differentiable plain PyTorch, for a
+    backward that is itself differentiated: autograd and forward-mode AD see every operation. In fp32
+    (fp64 for fp64 inputs); da comes back in a's dtype."""
+    f = torch.promote_types(a.dtype, torch.float32)
+    af, g = a.to(f), grad.to(f)
+    r = torch.rsqrt(af.square().mean(dim, keepdim=True) + eps)
+    return (r * (g - af * (r * r) * (af * g).mean(dim, keepdim=True))).to(a.dtype)
+
+
 class PixelNormFunction(torch.autograd.Function):
     """y = a / sqrt(mean_c(a^2) + eps) over dim (A11); a has a kernel layout (see view_for)."""
 
@@ -97,13 +109,15 @@ class PixelNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(a, rstd)
         ctx.save_for_forward(a, rstd)
-        ctx.consts = (int(dim), name)
+        ctx.consts = (int(dim), name, float(eps))
 
     @staticmethod
     def backward(ctx, grad, _grad_rstd):
-        refuse_differentiated_backward("pixel_norm", ctx, grad)
+        dim, name, eps = ctx.consts
+        if backward_is_differentiated(ctx, grad):
+            a, _ = ctx.saved_tensors
+            return reference_backward(grad, a, dim, eps), None, None, None
         a, rstd = (t.detach() for t in ctx.saved_tensors)
-        dim, name = ctx.consts
         v, _ = view_for(a, dim)
         da3 = BACKWARD[name](v.of(v.matched(grad.detach(), a.dtype)), v.of(a), rstd)
         return v.back(da3), None, None, None
@@ -111,7 +125,7 @@ class PixelNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, a_dot, *_):
         a, rstd = (t.detach() for t in ctx.saved_tensors)
-        dim, name = ctx.consts
+        dim, name, _ = ctx.consts
         v, _ = view_for(a, dim)
         yd3 = JVP[name](v.of(a), v.of(v.matched(a_dot, a.dtype)), rstd)
         return v.back(yd3), None

@@ -17,6 +17,8 @@ F^- is stop-gradient):
     dL/dF       = grad * 2 w / D * e                       (kernel: scm_loss_backward)
     dL/dlogvar  = grad * (1 - w / D * sqerr)               (here, on (B,) tensors)
     Ldot        = 2 w / D * sum(e * Fdot) + (1 - w / D * sqerr) * logvar_dot   (kernel: scm_loss_jvp)
+A backward that is itself differentiated (double backward, torch.func.grad of grad, jvp over grad)
+computes dL/dF and dL/dlogvar in differentiable PyTorch instead (reference_backward).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from scm_kernels import _layout, backend
-from scm_kernels._autograd import refuse_differentiated_backward
+from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import eager_fast
 from scm_kernels.scm_loss import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
 
@@ -68,6 +70,28 @@ def _detached(tensors):
     return tuple(x.detach() if x is not None else None for x in tensors)
 
 
+def reference_backward(grad_loss, F, logvar, J, x_t, dxt_dt, t, F_minus, sigma_d, r, c):
+    """(dL/dF, dL/dlogvar) of (A14)-(A17) in differentiable plain PyTorch, for a backward that is
+    itself differentiated: autograd and forward-mode AD see every operation. The operands are the
+    Function's (F dense, the others (B, D) rows in F's inner layout); computed in fp32 (fp64 for
+    fp64 inputs), dF comes back in F's dtype, shape and layout, dlogvar in fp32 (None without
+    logvar). g^ is built from stop-gradient operands only (F^- = F.detach() when F_minus is None)."""
+    f = torch.promote_types(F.dtype, torch.float32)
+    Fr = _layout.as_rows(F).to(f)
+    Fm = (Fr if F_minus is None else F_minus.to(f)).detach()
+    tt = t.detach().to(f)[:, None]
+    cos_t, sin_t = torch.cos(tt), torch.sin(tt)
+    g = -cos_t**2 * (sigma_d * Fm - dxt_dt.detach().to(f)) - r * (cos_t * sin_t * x_t.detach().to(f)
+                                                                   + sigma_d * J.detach().to(f))  # (A14)
+    e = Fr - Fm - g / (torch.sqrt((g * g).sum(1, keepdim=True)) + c)  # (A16), F - F^- - g^
+    D = e.shape[1]
+    w = torch.exp(-logvar.to(f)) if logvar is not None else torch.ones_like(e[:, 0])
+    gl = grad_loss.to(f)
+    dF = _rows_as(F, ((2.0 / D) * gl * w)[:, None] * e).to(F.dtype)
+    dlv = None if logvar is None else (gl * (1.0 - w / D * (e * e).sum(1))).to(logvar.dtype)
+    return dF, dlv
+
+
 class ScmLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(F, logvar, J, x_t, dxt_dt, t, F_minus, sigma_d, r, c, name):
@@ -85,7 +109,12 @@ class ScmLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_gnorm, _grad_sqerr):
-        refuse_differentiated_backward("scm_loss", ctx, grad_loss)
+        if backward_is_differentiated(ctx, grad_loss):
+            F, logvar, J, x_t, dxt_dt, t, F_minus, _, _ = ctx.saved_tensors
+            sigma_d, r, c, _ = ctx.consts
+            dF, dlv = reference_backward(grad_loss, F, logvar, J, x_t, dxt_dt, t, F_minus, sigma_d, r, c)
+            need = ctx.needs_input_grad
+            return (dF if need[0] else None), (dlv if need[1] else None), *(None,) * 9
         F, logvar, J, x_t, dxt_dt, t, F_minus, gnorm, sqerr = _detached(ctx.saved_tensors)
         sigma_d, r, c, name = ctx.consts
         D = _layout.sample_numel(F)

@@ -6,14 +6,18 @@ converts them with differentiable .to() calls, so gradients and tangents flow ba
 dtypes). Derivatives (see triton_kernels.py for the formulas):
   backward -> time_embedding_backward (dt, and dfreqs when freqs requires grad; fixed-order sums)
   jvp      -> time_embedding_jvp (tangents of t and freqs, either may be absent)
+A backward that is itself differentiated (double backward, torch.func.grad of grad, jvp over grad)
+runs in differentiable PyTorch instead (reference_backward).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from scm_kernels import backend as _backend
-from scm_kernels._autograd import refuse_differentiated_backward
+from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import KernelTable
 
 
@@ -35,6 +39,25 @@ def _rows_f32(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def reference_backward(grad, t, freqs, dim, max_period, time_scale):
+    """(dt, dfreqs) of (A10) in differentiable plain PyTorch (fp32), for a backward that is itself
+    differentiated: with theta_bk = (s t_b) omega_k and emb = [cos theta | sin theta | 0],
+    dtheta = g_sin cos(theta) - g_cos sin(theta), dt_b = s sum_k dtheta_bk omega_k and, with
+    frequencies (omega = 2 pi f), df_k = 2 pi sum_b dtheta_bk s t_b; dfreqs None without them."""
+    from scm_kernels.time_embedding import reference
+
+    half = dim // 2
+    w = reference.omega(dim, kind="fourier" if freqs is not None else "positional", max_period=max_period,
+                        freqs=freqs, device=t.device)
+    st = time_scale * t
+    theta = st[:, None] * w[None, :]
+    g = grad.to(torch.float32)
+    dtheta = g[:, half:2 * half] * torch.cos(theta) - g[:, :half] * torch.sin(theta)
+    dt = time_scale * (dtheta * w[None, :]).sum(1)
+    dfreqs = None if freqs is None else (2.0 * math.pi) * (dtheta * st[:, None]).sum(0)
+    return dt, dfreqs
+
+
 class TimeEmbeddingFunction(torch.autograd.Function):
     """emb = time_embedding(t, freqs) for fp32 t (B,) and freqs (half,) or None (A10)."""
 
@@ -52,12 +75,14 @@ class TimeEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_differentiated_backward("time_embedding", ctx, grad)
         dim, max_period, time_scale, name = ctx.args
-        t, freqs = _detached(*ctx.saved_tensors)
         need_t, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_freqs
         if not (need_t or need_f):
             return None, None, None, None, None, None
+        if backward_is_differentiated(ctx, grad):
+            dt, dfreqs = reference_backward(grad, *ctx.saved_tensors, dim, max_period, time_scale)
+            return (dt if need_t else None), (dfreqs if need_f else None), None, None, None, None
+        t, freqs = _detached(*ctx.saved_tensors)
         dt, dfreqs = kernels(name)[2](_rows_f32(grad.detach()), t, dim, max_period, time_scale, freqs, need_f)
         return (dt if need_t else None), (dfreqs if need_f else None), None, None, None, None
 

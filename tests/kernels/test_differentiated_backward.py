@@ -3,11 +3,11 @@ products), torch.func.grad of torch.func.grad, a create_graph=True double backwa
 tensors with a create_graph backward.
 
 The fused kernels' backward passes detach their inputs and have no derivative of their own, so
-without care the derivative of a gradient comes out as zero, silently. Attention computes it: such a
-backward runs (A26) in differentiable plain PyTorch (O(N^2) memory, only there), group_norm's runs
-(A30) in differentiable plain PyTorch, and trigflow_step's backward is made of its own
-differentiable Functions: all three are exact. The other ops refuse with NotImplementedError
-naming the op.
+without care the derivative of a gradient comes out as zero, silently. Every op computes it: such a
+backward runs its formula in differentiable plain PyTorch (attention's (A26) with O(N^2) memory,
+only there; group_norm's (A30); pixel_norm's, time_embedding's and scm_loss's), and trigflow_step's
+backward is made of its own differentiable Functions. Only the backward of attention_jvp's tangent
+(A27) refuses, with NotImplementedError.
 """
 
 from __future__ import annotations
@@ -140,28 +140,91 @@ def _other_ops(device, dtype):
     }
 
 
+OPS = ["group_norm", "pixel_norm", "time_embedding", "scm_loss", "trigflow_step"]
+
+
 @pytest.mark.parametrize("how", HOW)
-@pytest.mark.parametrize("op", ["group_norm", "pixel_norm", "time_embedding", "scm_loss", "trigflow_step"])
+@pytest.mark.parametrize("op", OPS)
 def test_other_ops_differentiated_backward(kernel_backend, op, how):
-    """Every other op either gives the reference's second derivative (trigflow_step, group_norm) or
-    refuses with NotImplementedError naming the op; never a zero derivative."""
+    """Every other op gives the reference's gradient and second derivative, never a zero one."""
     name, device = kernel_backend
     dtype = _dtype(name)
     make, z = _other_ops(device, dtype)[op]
     # not a constant direction: group_norm's output does not change along one (per group)
     tz = torch.linspace(-1.0, 1.0, z.numel(), dtype=torch.float64).reshape(z.shape).to(device, dtype)
-    if op in ("trigflow_step", "group_norm"):
-        g, got = _second(how, make(name), [z], [tz])
-        g_want, want = _second(how, make("reference"), [z], [tz])
-        # the kernels' forward statistics are fp32 for every dtype (the gradient's input 2y carries it)
-        tol = _tol(torch.float32) if op == "group_norm" else dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(g[0], g_want[0], **tol)
-        torch.testing.assert_close(got[0], want[0], **tol)
-        assert float(want[0].abs().max()) > 1e-3  # a real second derivative, not a pair of zeros
-        return
-    with pytest.raises(NotImplementedError, match=rf"scm_kernels\.{op}: differentiating through its backward"):
-        _second(how, make(name), [z], [tz])
-    _second(how, make("reference"), [z], [tz])  # the way out the message names works
+    g, got = _second(how, make(name), [z], [tz])
+    g_want, want = _second(how, make("reference"), [z], [tz])
+    # group_norm's and pixel_norm's kernels keep fp32 statistics, time_embedding computes in fp32,
+    # for every dtype (the gradient carries that rounding)
+    tol = dict(rtol=1e-5, atol=1e-5) if op == "trigflow_step" else _tol(torch.float32)
+    torch.testing.assert_close(g[0], g_want[0], **tol)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    assert float(want[0].abs().max()) > 1e-3  # a real second derivative, not a pair of zeros
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_second_derivatives_of_every_operand(kernel_backend, how):
+    """The differentiated backward w.r.t. operands besides the first: scm_loss's F and logvar (with
+    a given F^-), time_embedding's t and Fourier frequencies, pixel_norm over the last dim of a
+    channels_last tensor (its rows layout)."""
+    name, device = kernel_backend
+    dtype = _dtype(name)
+    gen = torch.Generator().manual_seed(11)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    J, xt, dx, Fm = r(3, 2, 4, 4), r(3, 2, 4, 4), r(3, 2, 4, 4), r(3, 2, 4, 4)
+    tt = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.2).to(device, dtype)
+    cases = {
+        "scm_loss": (lambda be: lambda F, lv: (sk.scm_loss(F, J, xt, dx, tt, logvar=lv, F_minus=Fm, backend=be)
+                                               ** 2).sum(), [r(3, 2, 4, 4), 0.5 * r(3)]),
+        "time_embedding": (lambda be: lambda t, f: sk.time_embedding(t, 9, kind="fourier", freqs=f, backend=be)
+                           .pow(3).sum(), [(torch.rand(4, generator=gen, dtype=torch.float64) + 0.1)
+                                           .to(device, dtype), 0.3 * r(4)]),
+        "pixel_norm": (lambda be: lambda a: sk.pixel_norm(a, dim=1, backend=be).pow(3).sum(),
+                       [r(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)]),
+    }
+    for op, (make, xs) in cases.items():
+        ts = [r(*x.shape) for x in xs]
+        g, got = _second(how, make(name), xs, ts)
+        g_want, want = _second(how, make("reference"), xs, ts)
+        for a, b, c, d in zip(g, g_want, got, want):
+            torch.testing.assert_close(a, b, **_tol(torch.float32), msg=lambda m: f"{op}: {m}")
+            torch.testing.assert_close(c, d, **_tol(torch.float32), msg=lambda m: f"{op}: {m}")
+            assert float(d.abs().max()) > 1e-3, op
+
+
+@pytest.mark.parametrize("op", ["pixel_norm", "time_embedding", "scm_loss"])
+def test_gradgradcheck(kernel_backend, op):
+    """torch.autograd.gradgradcheck on the float64 backends: the double backward against finite
+    differences of the first backward (the kernels' own, with their fp32 statistics: eps = 1e-3)."""
+    name, device = kernel_backend
+    if _dtype(name) != torch.float64:
+        pytest.skip("gradgradcheck needs float64")
+    gen = torch.Generator().manual_seed(6)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device)
+
+    if op == "pixel_norm":
+        xs, f = [r(2, 4, 3)], lambda a: sk.pixel_norm(a, backend=name)
+    elif op == "time_embedding":
+        xs = [torch.rand(3, generator=gen, dtype=torch.float64).to(device), 0.3 * r(3)]
+
+        def f(t, fr):
+            return sk.time_embedding(t, 7, kind="fourier", freqs=fr, backend=name)
+    else:
+        # a given F^-: with the default stop-gradient F^- = F.detach(), finite differences of the loss
+        # also move F^- (and g^), which its gradient by definition ignores
+        J, xt, dx, Fm = r(2, 3, 2), r(2, 3, 2), r(2, 3, 2), r(2, 3, 2)
+        tt = torch.rand(2, generator=gen, dtype=torch.float64).to(device) + 0.2
+        xs = [r(2, 3, 2), 0.5 * r(2)]
+
+        def f(F, lv):
+            return sk.scm_loss(F, J, xt, dx, tt, logvar=lv, F_minus=Fm, backend=name)
+    xs = [x.requires_grad_() for x in xs]
+    assert torch.autograd.gradgradcheck(f, xs, eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -229,6 +292,12 @@ def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
     from scm_kernels.group_norm import function as gn_function
 
     monkeypatch.setattr(gn_function, "reference_backward", boom)
+    from scm_kernels.pixel_norm import function as pn_function
+    from scm_kernels.scm_loss import function as sl_function
+    from scm_kernels.time_embedding import function as te_function
+
+    for mod in (pn_function, sl_function, te_function):
+        monkeypatch.setattr(mod, "reference_backward", boom)
     dtype = _dtype(name)
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=dtype, device=device) for _ in range(3))
 
