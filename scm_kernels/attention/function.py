@@ -61,10 +61,20 @@ def _fwd(name, *args, precision):
     return torch.ops.scm.attention_fwd(*args)
 
 
+def _single_key_zero(grads, which):
+    """With one key (Nk = 1) every softmax row is constant (P = 1, or 0 when masked), so the
+    gradients w.r.t. q and k (and the tangents q', k' in (A27), where s' - mu = 0) are exactly zero;
+    the kernels' ds = P (dO.v - Delta) would leave the rounding difference of two dot products
+    (dO.v against dO.O, O = v) there instead. grads with the entries at `which` replaced by zeros."""
+    return tuple(torch.zeros_like(g) if i in which and g is not None else g for i, g in enumerate(grads))
+
+
 def _bwd(name, *args, precision):
     if name == "triton":
-        return _triton().attention_bwd(*args, precision)
-    return torch.ops.scm.attention_bwd(*args)
+        grads = _triton().attention_bwd(*args, precision)
+    else:
+        grads = torch.ops.scm.attention_bwd(*args)
+    return _single_key_zero(grads, (0, 1)) if args[2].shape[2] == 1 else grads
 
 
 def _jvp(name, *args, precision):
@@ -75,8 +85,10 @@ def _jvp(name, *args, precision):
 
 def _jvp_bwd(name, *args, precision):
     if name == "triton":
-        return _triton().attention_jvp_bwd(*args, precision)
-    return torch.ops.scm.attention_jvp_bwd(*args)
+        grads = _triton().attention_jvp_bwd(*args, precision)
+    else:
+        grads = torch.ops.scm.attention_jvp_bwd(*args)
+    return _single_key_zero(grads, (0, 1, 3, 4)) if args[3].shape[2] == 1 else grads
 
 
 def out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

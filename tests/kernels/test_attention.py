@@ -263,6 +263,34 @@ def test_jvp_backward_matches_reference(backend, case, which, gouts):
     check_jvp_backward(name, device, xs, kw, ts, case["dtype"], gouts, case["seed"])
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_single_key_gradients_are_exact_zeros(kernel_backend, is_causal):
+    """Nk = 1: every softmax row is constant (P = 1), so the gradients w.r.t. q and k are exactly
+    zero, in (A26) and in (A27) (with those of q' and k'), and dv = sum_i dO_i, dv' = sum_i g_i.
+    The kernels' ds = P (dO.v - Delta) alone leaves the rounding difference of two dot products
+    (a case the thorough hypothesis profile found over the 2x rule's floor)."""
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen).to(device).requires_grad_()
+
+    q, k, v, tq, tk, tv = r(2, 1, 3, 33), r(2, 1, 1, 33), r(2, 1, 1, 33), r(2, 1, 3, 33), r(2, 1, 1, 33), r(2, 1, 1, 33)
+    do, g = torch.randn(2, 1, 3, 33, generator=gen).to(device), torch.randn(2, 1, 3, 33, generator=gen).to(device)
+    out = scm_kernels.attention(q, k, v, scale=-0.4, is_causal=is_causal, backend=name)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert not dq.any() and not dk.any()
+    torch.testing.assert_close(dv, do.sum(2, keepdim=True))  # causal (top-left): every query sees key 0
+    o, ot = scm_kernels.attention_jvp(q, k, v, tq, tk, tv, scale=-0.4, backend=name)
+    grads = torch.autograd.grad((o * do).sum() + (ot * g).sum(), (q, k, v, tq, tk, tv))
+    for i in (0, 1, 3, 4):
+        assert not grads[i].any()
+    torch.testing.assert_close(grads[2], do.sum(2, keepdim=True))
+    torch.testing.assert_close(grads[5], g.sum(2, keepdim=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # The awkward cases of the issue (every kernel backend, every dtype)
 # ---------------------------------------------------------------------------------------------

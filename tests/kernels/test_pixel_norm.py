@@ -77,6 +77,17 @@ def test_matches_reference(backend, case):
     check(name, device, a, case["dim"], case["eps"], what=f"{name} {case}")
 
 
+@pytest.mark.parametrize("layout", ["contig", "transposed"])
+def test_one_channel_near_eps(backend, layout):
+    """One channel with a^2 near eps (scale 1e-3, eps 1e-8): the jvp/backward r (t - a r^2 a t) =
+    eps r^3 t cancels to ~1% of t in the general form; the one-channel path keeps the 2x rule (a
+    case the thorough hypothesis profile found)."""
+    name, device = backend
+    for seed in range(8):
+        check(name, device, _make((1, 1), torch.float32, layout, seed, 1e-3), 1, 1e-8, what=f"{name} seed {seed}")
+    check(name, device, _make((5, 1, 3), torch.float32, layout, 1, 1e-3), 1, 1e-8, what=f"{name} (5, 1, 3)")
+
+
 def test_layouts_without_copies():
     """Contiguous tensors and channels_last tensors normalized over dim 1 reach the kernels as views."""
     for a, rows in ((torch.randn(2, 6, 3, 4), False), (torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last), True),
