@@ -44,7 +44,7 @@ def _contig_strides(sizes) -> list[int]:
 
 def nd_strides(shape, channels_last: bool) -> list[int]:
     """Strides of a packed tensor of `shape` (N, C, *spatial) in the given layout."""
-    N, C, sp = shape[0], shape[1], list(shape[2:])
+    C, sp = shape[1], list(shape[2:])
     S = math.prod(sp)
     if channels_last:
         return [C * S, 1] + [C * s for s in _contig_strides(sp)]

@@ -403,7 +403,7 @@ def test_huge_logits(kernel_backend, dtype):
     v = torch.randn(1, 2, 30, 16, generator=gen).to(dtype)
     s = reference.logits(q.double(), k.double(), scale=1.0)
     assert float(s.abs().max()) > 5e3
-    xs, kw = (q, k, v), dict(attn_mask=None, is_causal=False, scale=1.0, enable_gqa=False)
+    xs = (q, k, v)
     out = scm_kernels.attention(*_run(name, device, xs), scale=1.0, backend=name).cpu()
     ref = reference.attention(*(x.double() for x in xs), scale=1.0)
     assert torch.isfinite(out).all()
