@@ -129,4 +129,11 @@ settings.register_profile("default", max_examples=15, deadline=None, derandomize
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(n: int) -> int:
+    """max_examples of a property test that sets its own count (a slow one): n in CI, the profile's
+    count under HYPOTHESIS_PROFILE=thorough (an explicit @settings would otherwise override it)."""
+    return max(n, settings.get_profile("thorough").max_examples) if HYPOTHESIS_PROFILE == "thorough" else n

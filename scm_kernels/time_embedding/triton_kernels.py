@@ -17,7 +17,8 @@ partials in a fixed order: deterministic, no atomics.
 
 Precision on the GPU: tl.exp lowers to ex2.approx and `/` to div.full (both approximate); the
 positional frequencies therefore use div_rn and libdevice.exp (PRECISE_EXP, off under the
-interpreter, which has no libdevice and whose tl.exp is numpy's exact exp). sin and cos come from
+interpreter, which has no libdevice: there exp runs in float64, rounded to fp32, as numpy's fp32 exp
+is off by an ulp at times, which a large time_scale turns into visible sin/cos errors). sin and cos come from
 _sincos (float64 reduction + fp32 polynomials): accurate for any argument, and unlike libdevice's
 sinf/cosf it needs no local memory (no stack in the cubin).
 """
@@ -73,8 +74,8 @@ def _omega(FREQS, cols, cmask, half, stride_f, log_max_period,
         x = tl.math.div_rn(-log_max_period * cols.to(tl.float32), tl.cast(half, tl.float32))
         if PRECISE_EXP:
             w = libdevice.exp(x)
-        else:
-            w = tl.exp(x)
+        else:  # the interpreter: numpy's fp32 exp is not correctly rounded; its fp64 exp, rounded, is
+            w = tl.exp(x.to(tl.float64)).to(tl.float32)
         w = tl.where(cmask, w, 0.0)
     return w
 

@@ -111,11 +111,23 @@ def _time(t, x: torch.Tensor) -> torch.Tensor:
 def trigflow_step(x_t: torch.Tensor, F: torch.Tensor, t, sigma_d: float = 0.5, t_next=None,
                   noise: torch.Tensor | None = None, seed: int | None = None,
                   out_uint8: bool = False) -> torch.Tensor:
-    """Fused sampler step (A23) in plain PyTorch, computed in the inputs' dtypes (type promotion),
-    returned in x_t's dtype (or uint8 pixels). With t_next and neither noise nor seed, eps is drawn
-    from torch's default generator through a Philox seed, like the public op."""
-    tt = _time(t, x_t)
-    x0 = torch.cos(tt) * x_t - torch.sin(tt) * sigma_d * F  # (A5)
+    """Fused sampler step (A23) in plain PyTorch, computed in the inputs' dtypes (type promotion;
+    uint8 pixels from an x0 in at least float32), returned in x_t's dtype (or uint8 pixels). With
+    t_next and neither noise nor seed, eps is drawn from torch's default generator through a Philox
+    seed, like the public op."""
+    # Explicit promotion: with a number t the cos/sin factors are 0-d tensors, which do not take part
+    # in type promotion, so sin t * sigma_d * F would run in F's dtype (bf16 F with fp32 x_t: the F
+    # term rounded to 8 bits) instead of the promoted one.
+    # Pixels come from x0 in at least float32, as the kernels compute it (one 8-bit step of a pixel is
+    # about bf16's rounding of x0: 16-bit pixels would be off by one).
+    dt = torch.promote_types(x_t.dtype, F.dtype)
+    pixels = out_uint8 and t_next is None
+    if pixels:
+        dt = torch.promote_types(dt, torch.float32)
+    tt = _time(t, x_t.to(dt))
+    if pixels:
+        tt = tt.to(torch.promote_types(tt.dtype, dt))
+    x0 = torch.cos(tt) * x_t.to(dt) - torch.sin(tt) * sigma_d * F.to(dt)  # (A5)
     if t_next is None:
         if out_uint8:
             return to_pixel(x0)
@@ -125,5 +137,6 @@ def trigflow_step(x_t: torch.Tensor, F: torch.Tensor, t, sigma_d: float = 0.5, t
             seed = int(torch.randint(0, 2**63 - 1, ()))
         noise = philox_noise_like(x_t, seed, torch.float64 if x_t.dtype == torch.float64 else torch.float32)
     ss = _time(t_next, x_t)
-    out = torch.cos(ss) * x0 + torch.sin(ss) * sigma_d * noise  # (A22/A23)
+    dt = torch.promote_types(x0.dtype, noise.dtype)
+    out = torch.cos(ss) * x0.to(dt) + torch.sin(ss) * sigma_d * noise.to(dt)  # (A22/A23)
     return out.to(x_t.dtype)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import scm_kernels
 from scm_kernels import backend as _backend
 from scm_kernels.attention import reference
-from tests.conftest import DTYPES, FD_TOL, assert_rule, backend_param, max_err
+from tests.conftest import DTYPES, FD_TOL, assert_rule, backend_param, examples, max_err
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
@@ -253,7 +253,7 @@ def test_backward_matches_reference(backend, case):
     check_backward(name, device, xs, kw, case["dtype"], case["seed"])
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(case=cases(), which=st.sampled_from([(1, 1, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1)]),
        gouts=st.sampled_from([(1, 1), (0, 1), (1, 0)]))
 def test_jvp_backward_matches_reference(backend, case, which, gouts):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from scm_kernels import backend as _backend
 from scm_kernels.time_embedding import reference, time_embedding
-from tests.conftest import FD_TOL, assert_rule, max_err
+from tests.conftest import FD_TOL, assert_rule, examples, max_err
 
 T_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 F64 = torch.float64
@@ -70,7 +70,7 @@ def _check_forward(name, device, t, dim, kw):
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-@settings(max_examples=14)
+@settings(max_examples=examples(14))
 @given(
     B=st.sampled_from([1, 2, 7, 97]),
     dim=st.sampled_from([2, 3, 8, 33, 64, 130]),
@@ -207,7 +207,7 @@ def _grads(fn, t, freqs, g):
     return grads[0], (grads[1] if freqs is not None else None)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     B=st.sampled_from([1, 7, 97]),
     dim=st.sampled_from([2, 5, 64, 97]),
@@ -289,7 +289,7 @@ def _jvp(fn, t, freqs, t_dot, f_dot):
     return torch.func.jvp(fn, (t, freqs), (t_dot, f_dot))[1]
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     B=st.sampled_from([1, 7, 97]),
     dim=st.sampled_from([2, 5, 64, 97]),

@@ -18,7 +18,7 @@ from scm_kernels import backend as scm_backend
 from scm_kernels.trigflow_step import reference as R
 from scm_kernels.trigflow_step import trigflow_step
 from scm_kernels.trigflow_step.function import philox_rows
-from tests.conftest import DTYPES, FD_TOL, assert_rule, max_err
+from tests.conftest import DTYPES, FD_TOL, assert_rule, examples, max_err
 
 # Inputs drawn without a device land on the backend's device (generators: torch.get_default_device()).
 pytestmark = pytest.mark.usefixtures("on_backend_device")
@@ -65,7 +65,7 @@ def _pixel_check(out: torch.Tensor, x0_64: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(B=st.sampled_from([1, 2, 3, 7]), shape=st.sampled_from(SHAPES), xd=st.sampled_from(DTYPES),
        fd=st.sampled_from(DTYPES), nd=st.sampled_from(DTYPES),
        mode=st.sampled_from(["denoise", "noise", "seed", "uint8"]),
@@ -99,6 +99,22 @@ def test_forward_matches_reference(backend, B, shape, xd, fd, nd, mode, layout, 
     ref64 = R.trigflow_step(x.double(), F.double(), d64(t), SIG, **kw64)
     lowp = R.trigflow_step(x, F, t, SIG, **kw)
     assert_rule(out, ref64, lowp, xd)
+
+
+def test_reference_promotes_mixed_dtypes():
+    """The reference backend computes in the promoted dtype: fp32 x_t with bf16 F (and bf16 noise)
+    stays at fp32 accuracy (a number t makes cos/sin 0-d tensors, which type promotion ignores), and
+    uint8 pixels of bf16 inputs come from an fp32 x0 (both found by the thorough hypothesis profile)."""
+    gen = torch.Generator().manual_seed(1002)
+    x, F, n = _inputs(2, (97,), torch.float32, torch.bfloat16, torch.bfloat16, gen)
+    for kw in (dict(), dict(t_next=0.4, noise=n)):
+        out = trigflow_step(x, F, 0.9, SIG, backend="reference", **kw)
+        kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        ref = R.trigflow_step(x.double(), F.double(), 0.9, SIG, **kw64)
+        assert out.dtype == torch.float32 and max_err(out, ref) < 1e-6
+    xb = x.to(torch.bfloat16)
+    _pixel_check(trigflow_step(xb, F, 0.9, SIG, backend="reference", out_uint8=True),
+                 R.trigflow_step(xb.double(), F.double(), 0.9, SIG))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "slice", "channels_last", "expand"])
