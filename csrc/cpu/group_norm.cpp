@@ -112,7 +112,7 @@ constexpr float kExp2Q2 = 5.5503781884908676e-2f, kExp2Q1 = 2.4022886157035828e-
 // then warns about it (-Wmaybe-uninitialized): not ours to fix.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) inline __m512 silu16(__m512 a) {
+__attribute__((target("avx512f"))) inline __m512 one_plus_exp_neg16(__m512 a) {
   const __m512 t = _mm512_max_ps(_mm512_mul_ps(a, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(-100.f));
   const __m512 magic = _mm512_set1_ps(393216.f);  // 1.5 * 2^18
   const __m512 u = _mm512_add_ps(t, magic);
@@ -123,8 +123,9 @@ __attribute__((target("avx512f"))) inline __m512 silu16(__m512 a) {
   __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kExp2Q2), f, _mm512_set1_ps(kExp2Q1));
   q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Q0));
   const __m512 e = _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(q, f), T, T), k);
-  return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_add_ps(_mm512_set1_ps(1.f), e);
 }
+__attribute__((target("avx512f"))) inline __m512 silu16(__m512 a) { return _mm512_div_ps(a, one_plus_exp_neg16(a)); }
 
 // out[i] = silu((x[i] - mu) A + B) with per-element coefficient arrays (kVec: Av[i], Bv[i], mu
 // scalar or muv[i]) or scalars; the tail through masked loads and stores.
@@ -151,6 +152,50 @@ __attribute__((target("avx512f"))) void silu_fwd_avx512(const float* __restrict 
     const __m512 a = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mask_loadu_ps(mu0, t, x + i), m), A, B);
     _mm512_mask_storeu_ps(out + i, t, silu16(a));
   }
+}
+
+// (A30) one 16-lane step of bwd_sums_silu_avx512 over elements [off, off + 16) (mask m).
+__attribute__((target("avx512f"))) inline void bwd_sums_step16(const float* __restrict x, const float* __restrict dy,
+                                                              int64_t off, __mmask16 m, __m512 vmu, __m512 vr,
+                                                              __m512 vA, __m512 vB, __m512& a1, __m512& a2,
+                                                              float* __restrict da_out) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + off), vmu), vr);
+  const __m512 a = _mm512_fmadd_ps(xh, vA, vB);
+  const __m512 sig = _mm512_div_ps(one, one_plus_exp_neg16(a));
+  const __m512 g = _mm512_mul_ps(sig, _mm512_fmadd_ps(a, _mm512_sub_ps(one, sig), one));
+  const __m512 da = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + off), g);
+  _mm512_mask_storeu_ps(da_out + off, m, da);
+  a1 = _mm512_fmadd_ps(da, xh, a1);
+  a2 = _mm512_add_ps(a2, da);
+}
+
+// (A30) bwd_sums_block with SiLU in explicit AVX-512 (the portable loop's sigmoid is about twice the
+// vector ops of one_plus_exp_neg16's): da = dy sig (1 + a (1 - sig)), a = x^ A0 + B0, written to
+// da_out; p1 += sum da x^, p2 += sum da over the same 64 lane accumulators and fold order as the
+// portable loop (masked tail lanes add zeros). fp32 8x256x32x32 backward with SiLU on one thread,
+// best of 15 runs per build alternated 5 times on the noisy 2-core VM: 2.01 -> 1.72 ms.
+__attribute__((target("avx512f"))) void bwd_sums_silu_avx512(const float* __restrict x, const float* __restrict dy,
+                                                            int64_t n, float mu, float r, float A0, float B0,
+                                                            float& p1, float& p2, float* __restrict da_out) {
+  const __m512 vmu = _mm512_set1_ps(mu), vr = _mm512_set1_ps(r), vA = _mm512_set1_ps(A0), vB = _mm512_set1_ps(B0);
+  __m512 a1[4], a2[4];
+  for (int j = 0; j < 4; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < 4; ++j) bwd_sums_step16(x, dy, i + 16 * j, 0xFFFF, vmu, vr, vA, vB, a1[j], a2[j], da_out);
+  for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
+    const int64_t rem = n - i - 16 * j;
+    const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    bwd_sums_step16(x, dy, i + 16 * j, m, vmu, vr, vA, vB, a1[j], a2[j], da_out);
+  }
+  alignas(64) float t1[kLanes], t2[kLanes];
+  for (int j = 0; j < 4; ++j) {
+    _mm512_store_ps(t1 + 16 * j, a1[j]);
+    _mm512_store_ps(t2 + 16 * j, a2[j]);
+  }
+  p1 += fold_pairwise<kLanes>(t1);
+  p2 += fold_pairwise<kLanes>(t2);
 }
 
 #pragma GCC diagnostic pop
@@ -361,6 +406,9 @@ SCM_GN_CLONES void jvp_block(const float* __restrict x, const float* __restrict 
 SCM_GN_CLONES void bwd_sums_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu,
                                   float r, float A0, float B0, bool silu, float& p1, float& p2,
                                   float* __restrict da_out) {
+#ifdef SCM_GN_AVX512
+  if (silu && have_avx512()) return bwd_sums_silu_avx512(x, dy, n, mu, r, A0, B0, p1, p2, da_out);
+#endif
   float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
   int64_t i = 0;
 #define SCM_GN_SUMS(SILU)                                 \
