@@ -28,6 +28,7 @@ import torch
 from scm_kernels import _layout, backend
 from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import eager_fast
+from scm_kernels.scm_loss import reference
 from scm_kernels.scm_loss import triton_kernels  # noqa: F401  (registers torch.ops.scm_triton.*)
 
 
@@ -79,11 +80,9 @@ def reference_backward(grad_loss, F, logvar, J, x_t, dxt_dt, t, F_minus, sigma_d
     f = torch.promote_types(F.dtype, torch.float32)
     Fr = _layout.as_rows(F).to(f)
     Fm = (Fr if F_minus is None else F_minus.to(f)).detach()
-    tt = t.detach().to(f)[:, None]
-    cos_t, sin_t = torch.cos(tt), torch.sin(tt)
-    g = -cos_t**2 * (sigma_d * Fm - dxt_dt.detach().to(f)) - r * (cos_t * sin_t * x_t.detach().to(f)
-                                                                   + sigma_d * J.detach().to(f))  # (A14)
-    e = Fr - Fm - g / (torch.sqrt((g * g).sum(1, keepdim=True)) + c)  # (A16), F - F^- - g^
+    stop = (x.detach().to(f) for x in (J, x_t, dxt_dt))
+    g_hat = reference.normalized_tangent(Fm, *stop, t.detach().to(f)[:, None], sigma_d, r, c)
+    e = Fr - Fm - g_hat
     D = e.shape[1]
     w = torch.exp(-logvar.to(f)) if logvar is not None else torch.ones_like(e[:, 0])
     gl = grad_loss.to(f)

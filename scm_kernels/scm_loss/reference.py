@@ -25,6 +25,18 @@ def _per_sample(v, B: int, ndim: int, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((B,) + (1,) * (ndim - 1))
 
 
+def normalized_tangent(F_minus, jvp_out, x_t, dxt_dt, tt, sigma_d, r, c):
+    """g^ of (A14)/(A16) per sample, from stop-gradient operands of shape (B, ...) and times tt that
+    broadcast against them as (B, 1, ..., 1)."""
+    B = F_minus.shape[0]
+    cos_t, sin_t = torch.cos(tt), torch.sin(tt)
+    # (A14)
+    g = -cos_t**2 * (sigma_d * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sigma_d * jvp_out)
+    # (A16)
+    gnorm = torch.sqrt((g * g).reshape(B, -1).sum(dim=1)).reshape(tt.shape)
+    return g / (gnorm + c)
+
+
 def scm_loss(F, jvp_out, x_t, dxt_dt, t, logvar=None, F_minus=None, sigma_d=0.5, r=1.0, c=0.1):
     """Per-sample sCM loss (B,) from (A14)-(A17); see the module docstring."""
     B, nd = F.shape[0], F.dim()
@@ -32,12 +44,7 @@ def scm_loss(F, jvp_out, x_t, dxt_dt, t, logvar=None, F_minus=None, sigma_d=0.5,
     Fm = (F if F_minus is None else F_minus).detach()  # F^- = stopgrad (theta^-)
     J, x, dx = jvp_out.detach(), x_t.detach(), dxt_dt.detach()
     tt = _per_sample(t.detach() if isinstance(t, torch.Tensor) else t, B, nd, F)
-    cos_t, sin_t = torch.cos(tt), torch.sin(tt)
-    # (A14)
-    g = -cos_t**2 * (sigma_d * Fm - dx) - r * (cos_t * sin_t * x + sigma_d * J)
-    # (A16)
-    gnorm = torch.sqrt((g * g).reshape(B, -1).sum(dim=1)).reshape(tt.shape)
-    g_hat = g / (gnorm + c)
+    g_hat = normalized_tangent(Fm, J, x, dx, tt, sigma_d, r, c)
     # (A17)
     sqerr = ((F - Fm - g_hat) ** 2).reshape(B, -1).sum(dim=1)
     if logvar is None:

@@ -19,6 +19,7 @@ import torch
 from scm_kernels import backend as _backend
 from scm_kernels._autograd import backward_is_differentiated
 from scm_kernels._launch import KernelTable
+from scm_kernels.time_embedding import reference
 
 
 kernels = KernelTable("time_embedding", "scm_kernels.time_embedding.triton_kernels")
@@ -44,8 +45,6 @@ def reference_backward(grad, t, freqs, dim, max_period, time_scale):
     differentiated: with theta_bk = (s t_b) omega_k and emb = [cos theta | sin theta | 0],
     dtheta = g_sin cos(theta) - g_cos sin(theta), dt_b = s sum_k dtheta_bk omega_k and, with
     frequencies (omega = 2 pi f), df_k = 2 pi sum_b dtheta_bk s t_b; dfreqs None without them."""
-    from scm_kernels.time_embedding import reference
-
     half = dim // 2
     w = reference.omega(dim, kind="fourier" if freqs is not None else "positional", max_period=max_period,
                         freqs=freqs, device=t.device)

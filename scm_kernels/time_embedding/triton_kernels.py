@@ -18,9 +18,9 @@ partials in a fixed order: deterministic, no atomics.
 Precision on the GPU: tl.exp lowers to ex2.approx and `/` to div.full (both approximate); the
 positional frequencies therefore use div_rn and libdevice.exp (PRECISE_EXP, off under the
 interpreter, which has no libdevice: there exp runs in float64, rounded to fp32, as numpy's fp32 exp
-is off by an ulp at times, which a large time_scale turns into visible sin/cos errors). sin and cos come from
-_sincos (float64 reduction + fp32 polynomials): accurate for any argument, and unlike libdevice's
-sinf/cosf it needs no local memory (no stack in the cubin).
+is off by an ulp at times, which a large time_scale turns into visible sin/cos errors). sin and cos
+come from _sincos (float64 reduction + fp32 polynomials): accurate for any argument, and unlike
+libdevice's sinf/cosf it needs no local memory (no stack in the cubin).
 """
 
 from __future__ import annotations

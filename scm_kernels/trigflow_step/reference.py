@@ -118,16 +118,17 @@ def trigflow_step(x_t: torch.Tensor, F: torch.Tensor, t, sigma_d: float = 0.5, t
     # Explicit promotion: with a number t the cos/sin factors are 0-d tensors, which do not take part
     # in type promotion, so sin t * sigma_d * F would run in F's dtype (bf16 F with fp32 x_t: the F
     # term rounded to 8 bits) instead of the promoted one.
-    # Pixels come from x0 in at least float32, as the kernels compute it (one 8-bit step of a pixel is
-    # about bf16's rounding of x0: 16-bit pixels would be off by one).
+    # Pixels come from x0 in at least float32, as the kernels compute it (one 8-bit pixel step is about
+    # bf16's rounding of x0: pixels of a bf16 x0 are off by one).
     dt = torch.promote_types(x_t.dtype, F.dtype)
     pixels = out_uint8 and t_next is None
     if pixels:
         dt = torch.promote_types(dt, torch.float32)
-    tt = _time(t, x_t.to(dt))
+    x = x_t.to(dt)
+    tt = _time(t, x)
     if pixels:
         tt = tt.to(torch.promote_types(tt.dtype, dt))
-    x0 = torch.cos(tt) * x_t.to(dt) - torch.sin(tt) * sigma_d * F.to(dt)  # (A5)
+    x0 = torch.cos(tt) * x - torch.sin(tt) * sigma_d * F.to(dt)  # (A5)
     if t_next is None:
         if out_uint8:
             return to_pixel(x0)
