@@ -39,8 +39,9 @@ rule (forward kernel, then the tangent from the saved out and lse) remains for t
 it (tangents of an outer level under nested transforms). Second derivatives through the backward
 (create_graph=True double backward, torch.func.grad of torch.func.grad, torch.func.jvp over
 torch.func.grad for Hessian-vector products) are exact: such a backward runs (A26) in
-differentiable plain PyTorch (O(N^2) memory there only). Through attention_jvp's backward (A27)
-they are refused with NotImplementedError (the only op that refuses them).
+differentiable plain PyTorch (O(N^2) memory there only); so does attention_jvp's backward (A27),
+and a forward-mode derivative of attention_jvp's outputs (a second-order tangent) is computed the
+same way.
 torch.compile: a model calling `attention` compiles (forward and backward, fullgraph). A JVP of a
 compiled function is refused with a clear error (dynamo drops custom JVP rules, pytorch issue
 192985, which would give wrong tangents silently).
@@ -55,7 +56,7 @@ import torch.autograd.forward_ad as fwAD
 
 from scm_kernels import _autograd, _checks, backend as _backend
 from scm_kernels.attention import reference
-from scm_kernels.attention.function import (AttentionFunction, AttentionJvpFunction,
+from scm_kernels.attention.function import (AttentionDualFunction, AttentionFunction, AttentionJvpFunction,
                                             AttentionPrimalJvpFunction, inner)
 
 OP = "scm_kernels.attention"
@@ -66,8 +67,9 @@ PRECISIONS = ("ieee", "tf32")
 _AttentionTraceable = _autograd.traceable(AttentionFunction)
 _AttentionJvpTraceable = _autograd.traceable(AttentionJvpFunction)
 _AttentionPrimalJvpTraceable = _autograd.traceable(AttentionPrimalJvpFunction)
+_AttentionDualTraceable = _autograd.traceable(AttentionDualFunction)
 
-__all__ = ["attention", "attention_jvp", "AttentionFunction", "AttentionJvpFunction",
+__all__ = ["attention", "attention_jvp", "AttentionFunction", "AttentionJvpFunction", "AttentionDualFunction",
            "AttentionPrimalJvpFunction", "MAX_HEAD_DIM"]
 
 
@@ -218,7 +220,7 @@ def _fused_jvp(q, k, v, mask, c: _Call) -> torch.Tensor | None:
     Without this, the autograd Function would run its forward kernel and then, in its jvp rule, a
     second kernel for the tangent (7 block products instead of 6 at no_grad, 8 with grad enabled,
     where the tangent must be differentiable and the fused kernel recomputes the primal). Reverse
-    mode still works through both: the primal and the tangent come from AttentionJvpFunction, whose
+    mode still works through both: the primal and the tangent come from AttentionDualFunction, whose
     backward is (A27)."""
     if fwAD._current_level < 0 or torch.compiler.is_compiling():
         return None
@@ -227,8 +229,8 @@ def _fused_jvp(q, k, v, mask, c: _Call) -> torch.Tensor | None:
         return None
     pq, pk, pv = (p.primal for p in parts)
     tq, tk, tv = (inner(p.tangent) if p.tangent is not None else None for p in parts)
-    out, out_tangent, _, _ = _autograd.apply(AttentionJvpFunction, _AttentionJvpTraceable, pq, pk, pv, tq, tk, tv,
-                                             mask, c.is_causal, c.scale, c.name, c.precision)
+    out, out_tangent, _, _ = _autograd.apply(AttentionDualFunction, _AttentionDualTraceable, pq, pk, pv, tq, tk,
+                                             tv, mask, c.is_causal, c.scale, c.name, c.precision)
     return fwAD.make_dual(out, out_tangent)
 
 

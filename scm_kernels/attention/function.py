@@ -12,7 +12,10 @@
         -> (out, out_tangent, lse, mu)
     forward   the fused kernel (A25), lse and mu = rowsum(P * S_dot) saved (non-differentiable)
     backward  (A27) reverse mode through both outputs, to q, k, v and the tangents (the gradient
-              of a loss that depends on out_tangent, e.g. an sCM loss differentiated through J).
+              of a loss that depends on out_tangent, e.g. an sCM loss differentiated through J);
+              when that backward is itself differentiated, (A27) in plain PyTorch
+              (reference_jvp_backward, O(N^2) memory)
+    jvp       a second-order tangent of (out, out_tangent) in plain PyTorch (reference_jvp_jvp)
 
 Tensors reach the kernels with inner stride 1 (the public function ensures it for inputs; the
 gradients and tangents autograd hands over are fixed here). mask is an expanded (B, Hq, Nq, Nk)
@@ -24,6 +27,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from scm_kernels import backend
 from scm_kernels._autograd import backward_is_differentiated
@@ -134,6 +138,129 @@ def reference_backward(grad_out, q, k, v, mask, is_causal, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+class _Plain:
+    """The (B, Hq, Nq, Nk) quantities of one attention_jvp call in differentiable plain PyTorch, in fp32
+    (fp64 for fp64 inputs), for the second-order paths of AttentionJvpFunction (O(N^2) memory, only
+    there): P, the logit tangent s' = lambda (q' k^T + q k'^T) (A24) and mu = rowsum(P s'), with
+    k, v and their tangents expanded to the query heads (GQA). Absent tangents stay None."""
+
+    def __init__(self, q, k, v, tq, tk, tv, mask, is_causal, scale):
+        from scm_kernels.attention import reference
+
+        self.f = torch.promote_types(q.dtype, torch.float32)
+        self.Hq, self.Hkv, self.scale = q.shape[1], k.shape[1], scale
+        self.q, self.tq = self.lift(q), self.lift(tq)
+        self.k, self.v, self.tk, self.tv = (self.lift(x, True) for x in (k, v, tk, tv))
+        self.p = reference.softmax(reference.logits(self.q, self.lift(k), mask, is_causal, scale,
+                                                    self.Hq != self.Hkv))
+        self.sd = self.logit_tangent(self.tq, self.tk)
+        self.mu = None if self.sd is None else (self.p * self.sd).sum(-1, keepdim=True)
+
+    def lift(self, x, expand=False):
+        """x in the working dtype; k / v-shaped tensors (expand) repeated to the query heads."""
+        from scm_kernels.attention import reference
+
+        if x is None:
+            return None
+        x = x.to(self.f)
+        return reference.expand_kv(x, self.Hq) if expand else x
+
+    def logits_of(self, *pairs):
+        """lambda sum a b^T over the (a, b) pairs whose factors are both present, or None."""
+        terms = [a @ b.transpose(-1, -2) for a, b in pairs if a is not None and b is not None]
+        return None if not terms else self.scale * sum(terms)
+
+    def logit_tangent(self, tq, tk):
+        """lambda (tq k^T + q tk^T) over the terms present, or None."""
+        return self.logits_of((tq, self.k), (self.q, tk))
+
+    def reduce_kv(self, x):
+        """A gradient w.r.t. an expanded k / v (or tangent) summed back over each GQA group."""
+        if x is None or self.Hq == self.Hkv:
+            return x
+        return x.unflatten(1, (self.Hkv, self.Hq // self.Hkv)).sum(2)
+
+
+def _addmm(*terms):
+    """The sum of the products a @ b over the pairs whose factors are both present, or None."""
+    present = [a @ b for a, b in terms if a is not None and b is not None]
+    return sum(present) if present else None
+
+
+def reference_jvp_backward(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, mask, is_causal, scale):
+    """(A27) in differentiable plain PyTorch: the gradients w.r.t. (q, k, v, tq, tk, tv) of a loss on
+    (out, out_tangent), for a backward of attention_jvp that is itself differentiated (double backward,
+    torch.func.grad of torch.func.grad, torch.func.jvp over torch.func.grad). With g = dL/dO',
+    nu = g.O, Delta' = dO.O + g.O' per row:
+        ds' = P (g v^T - nu),  ds = P (dO v^T + g v'^T - Delta') + ds' (s' - mu)
+        dv = P^T dO + (P (s' - mu))^T g,  dv' = P^T g
+        dq = lambda (ds k + ds' k'),  dq' = lambda ds' k
+        dk = lambda (ds^T q + ds'^T q'),  dk' = lambda ds'^T q
+    (the kernels' formulas, csrc/cpu/attention.cpp). Materializes (B, Hq, Nq, Nk) tensors: O(N^2)
+    memory. A None gradient or tangent is zero; the gradient of an absent tangent is None."""
+    if grad_out_tangent is None:
+        return (*reference_backward(grad_out, q, k, v, mask, is_causal, scale), None, None, None)
+    a = _Plain(q, k, v, tq, tk, tv, mask, is_causal, scale)
+    p, sd, f = a.p, a.sd, a.f
+    pt = p.transpose(-1, -2)
+    g = grad_out_tangent.to(f)
+    go = None if grad_out is None else grad_out.to(f)
+    pe = None if sd is None else p * (sd - a.mu)  # P (s' - mu)
+    out = p @ a.v
+    out_t = _addmm((pe, a.v), (p, a.tv))
+    nu = (g * out).sum(-1, keepdim=True)
+    delta = (g * out_t).sum(-1, keepdim=True) if out_t is not None else torch.zeros_like(nu)
+    if go is not None:
+        delta = delta + (go * out).sum(-1, keepdim=True)
+    vt = a.v.transpose(-1, -2)
+    dsd = p * (g @ vt - nu)
+    x = _addmm((go, vt), (g, None if a.tv is None else a.tv.transpose(-1, -2)))
+    ds = p * ((0.0 if x is None else x) - delta)
+    if sd is not None:
+        ds = ds + dsd * (sd - a.mu)
+    dv = _addmm((pt, go), (None if pe is None else pe.transpose(-1, -2), g))
+    dv = torch.zeros_like(a.v) if dv is None else dv
+    dsT, dsdT = ds.transpose(-1, -2), dsd.transpose(-1, -2)
+    dq = a.scale * _addmm((ds, a.k), (dsd, a.tk))
+    dk = a.scale * _addmm((dsT, a.q), (dsdT, a.tq))
+    dtq = None if tq is None else a.scale * (dsd @ a.k)
+    dtk = None if tk is None else a.scale * (dsdT @ a.q)
+    dtv = None if tv is None else pt @ g
+    grads = (dq, a.reduce_kv(dk), a.reduce_kv(dv), dtq, a.reduce_kv(dtk), a.reduce_kv(dtv))
+    return tuple(None if d is None else d.to(like.dtype) for d, like in zip(grads, (q, k, v, tq, tk, tv)))
+
+
+def reference_jvp_jvp(q, k, v, tq, tk, tv, dq, dk, dv, dtq, dtk, dtv, mask, is_causal, scale):
+    """The forward-mode derivative of attention_jvp's (out, out_tangent) along (dq, dk, dv, dtq, dtk, dtv)
+    (a tangent of a tangent: torch.func.jvp over torch.func.grad of a loss on attention_jvp, nested
+    JVPs), in plain PyTorch from (A24) differentiated once more:
+        ds = lambda (dq k^T + q dk^T),  dP = P (ds - rowsum(P ds))
+        ds' = lambda (dq' k^T + q' dk^T + dq k'^T + q dk'^T),  dmu = rowsum(dP s' + P ds')
+        d out = dP v + P dv
+        d out' = (dP (s' - mu) + P (ds' - dmu)) v + P (s' - mu) dv + dP v' + P dv'
+    None tangents are zero. O(N^2) memory."""
+    a = _Plain(q, k, v, tq, tk, tv, mask, is_causal, scale)
+    f, p = a.f, a.p
+    dq_, dtq_ = a.lift(dq), a.lift(dtq)
+    dk_, dv_, dtk_, dtv_ = (a.lift(x, True) for x in (dk, dv, dtk, dtv))
+    ds = a.logit_tangent(dq_, dk_)
+    dp = None if ds is None else p * (ds - (p * ds).sum(-1, keepdim=True))
+    d_out = _addmm((dp, a.v), (p, dv_))
+    dsd = a.logits_of((dtq_, a.k), (a.q, dtk_), (a.tq, dk_), (dq_, a.tk))
+    inner_ = None  # dP (s' - mu) + P (ds' - dmu)
+    if dp is not None and a.sd is not None:
+        inner_ = dp * (a.sd - a.mu) - p * (dp * a.sd).sum(-1, keepdim=True)
+    if dsd is not None:
+        t = p * (dsd - (p * dsd).sum(-1, keepdim=True))
+        inner_ = t if inner_ is None else inner_ + t
+    pe = None if a.sd is None else p * (a.sd - a.mu)
+    d_out_t = _addmm((inner_, a.v), (pe, dv_), (dp, a.tv), (p, dtv_))
+    zero = q.new_zeros(q.shape[:3] + v.shape[-1:], dtype=f)
+    d_out = zero if d_out is None else d_out
+    d_out_t = zero if d_out_t is None else d_out_t
+    return d_out.to(v.dtype), d_out_t.to(v.dtype)
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, mask, is_causal, scale, name, precision):
@@ -192,29 +319,60 @@ class AttentionJvpFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse, mu)
         ctx.set_materialize_grads(False)  # an unused output gives None: the kernel skips its work
         ctx.save_for_backward(q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask)
+        ctx.save_for_forward(q, k, v, tq, tk, tv, mask)
         ctx.consts = (bool(is_causal), float(scale), name, precision)
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
+        is_causal, scale, name, precision = ctx.consts
         if backward_is_differentiated(ctx, grad_out, grad_out_tangent):
-            raise NotImplementedError(
-                "scm_kernels.attention_jvp: differentiating through the backward of attention_jvp (a "
-                "create_graph=True backward, torch.func.grad of torch.func.grad, torch.func.jvp over torch.func.grad, "
-                "or forward_ad dual tensors with a create_graph backward) is not implemented; use backend='reference'")
+            q, k, v, tq, tk, tv, *_, mask = ctx.saved_tensors
+            if grad_out is None and grad_out_tangent is None:
+                return (None,) * 11
+            grads = reference_jvp_backward(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, mask, is_causal,
+                                           scale)
+            return (*grads, None, None, None, None, None)
         saved = _detached(ctx.saved_tensors)
         q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = saved
-        is_causal, scale, name, precision = ctx.consts
         if grad_out is None and grad_out_tangent is None:
             return (None,) * 11
+        grad_out, grad_out_tangent = _detached((grad_out, grad_out_tangent))
         grads = _jvp_bwd(name, inner(grad_out), inner(grad_out_tangent), q, k, v, tq, tk, tv, out, out_tangent,
                          lse, mu, mask, is_causal, scale, precision=precision)
         return (*grads, None, None, None, None, None)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "scm_kernels.attention_jvp: forward-mode AD through attention_jvp (a second-order tangent) is not "
-            "implemented; differentiate scm_kernels.attention with torch.func.jvp instead, or use backend='reference'")
+    def jvp(ctx, dq, dk, dv, dtq, dtk, dtv, *_):
+        """The tangents of (out, out_tangent) along tangents of the six inputs: a second-order forward
+        derivative (torch.func.jvp over torch.func.grad of a loss on attention_jvp, nested JVPs), in
+        plain PyTorch (reference_jvp_jvp, O(N^2) memory). lse and mu have none."""
+        q, k, v, tq, tk, tv, mask = ctx.saved_tensors
+        is_causal, scale, _, _ = ctx.consts
+        d_out, d_out_t = reference_jvp_jvp(q, k, v, tq, tk, tv, dq, dk, dv, dtq, dtk, dtv, mask, is_causal,
+                                           scale)
+        return d_out, d_out_t, None, None
+
+
+class AttentionDualFunction(AttentionJvpFunction):
+    """AttentionJvpFunction as attention's forward-mode rule under forward_ad (the public function's
+    _fused_jvp): its tq, tk, tv are the tangents of q, k, v at the current forward-AD level, not
+    independent inputs. A backward that forward-mode AD differentiates (forward_ad dual tensors with a
+    create_graph backward) must then see q + eps tq, k + eps tk, v + eps tv: it runs (A27) in plain
+    PyTorch on the dual tensors rebuilt from them. Everything else is AttentionJvpFunction's."""
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
+        if (fwAD._current_level >= 0 and not torch._C._are_functorch_transforms_active()
+                and (grad_out is not None or grad_out_tangent is not None)
+                and backward_is_differentiated(ctx, grad_out, grad_out_tangent)):
+            q, k, v, tq, tk, tv, *_, mask = ctx.saved_tensors
+            is_causal, scale, _, _ = ctx.consts
+            q, k, v = (x if t is None or fwAD.unpack_dual(x).tangent is not None else fwAD.make_dual(x, t)
+                       for x, t in ((q, tq), (k, tk), (v, tv)))
+            grads = reference_jvp_backward(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, mask, is_causal,
+                                           scale)
+            return (*grads, None, None, None, None, None)
+        return AttentionJvpFunction.backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu)
 
 
 class AttentionPrimalJvpFunction(AttentionJvpFunction):
@@ -230,7 +388,14 @@ class AttentionPrimalJvpFunction(AttentionJvpFunction):
         ctx.mark_non_differentiable(out_tangent, lse, mu)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, mask)  # AttentionFunction's saved tensors and consts
+        ctx.save_for_forward(q, k, v, out, lse, mask)
         ctx.consts = (bool(is_causal), float(scale), name, precision)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        """The tangent of out (attention's jvp rule on the same saved tensors); out_tangent, lse and mu
+        are not differentiable here."""
+        return AttentionFunction.jvp(ctx, dq, dk, dv)[0], None, None, None
 
     @staticmethod
     def backward(ctx, grad_out, _grad_out_tangent, _grad_lse, _grad_mu):

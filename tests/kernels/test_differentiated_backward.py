@@ -6,8 +6,8 @@ The fused kernels' backward passes detach their inputs and have no derivative of
 without care the derivative of a gradient comes out as zero, silently. Every op computes it: such a
 backward runs its formula in differentiable plain PyTorch (attention's (A26) with O(N^2) memory,
 only there; group_norm's (A30); pixel_norm's, time_embedding's and scm_loss's), and trigflow_step's
-backward is made of its own differentiable Functions. Only the backward of attention_jvp's tangent
-(A27) refuses, with NotImplementedError.
+backward is made of its own differentiable Functions; attention_jvp's (A27) and its second-order
+jvp rule in plain PyTorch too (O(N^2) memory).
 """
 
 from __future__ import annotations
@@ -105,18 +105,95 @@ def test_attention_grad_inside_unrelated_jvp(kernel_backend):
     torch.testing.assert_close(tangent, plain.sum() * tx, **_tol(dtype))
 
 
-def test_attention_jvp_backward_under_forward_ad_refuses(kernel_backend):
-    """The backward of attention_jvp (A27) has no forward-mode form: a clear error, not zeros."""
+JVP_CASES = {
+    "plain": dict(Hq=2, Hkv=2, mask=False, is_causal=False, absent=()),
+    "gqa 4:2, bool mask, causal": dict(Hq=4, Hkv=2, mask=True, is_causal=True, absent=()),
+    "no key tangent": dict(Hq=2, Hkv=2, mask=False, is_causal=True, absent=(4,)),
+    "value tangent only": dict(Hq=2, Hkv=1, mask=False, is_causal=False, absent=(3, 4)),
+}
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("case", list(JVP_CASES), ids=list(JVP_CASES))
+def test_attention_jvp_hessian_vector_product(kernel_backend, case, how):
+    """attention_jvp's backward (A27) differentiated once more, w.r.t. all six operands (q, k, v and
+    the tangents given): the reference's gradient and Hessian-vector product, for a loss on both
+    outputs. jvp(grad) also runs attention_jvp's own second-order jvp rule in the forward."""
+    name, device = kernel_backend
+    if name == "cuda":
+        pytest.skip("attention has no CUDA C++ kernel")
+    c = JVP_CASES[case]
+    dtype = _dtype(name)
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(1, c["Hq"], 9, 8), (1, c["Hkv"], 11, 8), (1, c["Hkv"], 11, 6)] * 2
+    used = [i for i in range(6) if i not in c["absent"]]
+    xs = [torch.randn(shapes[i], generator=gen, dtype=torch.float64) for i in used]
+    ts = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in xs]
+    mask = (torch.rand(1, c["Hq"], 9, 11, generator=gen) > 0.3) if c["mask"] else None
+    if mask is not None:
+        mask[0, 0, 2] = False  # a fully masked row: zero outputs and zero derivatives
+    w = torch.randn(2, 1, c["Hq"], 9, 6, generator=gen, dtype=torch.float64)
+    kw = dict(attn_mask=mask, is_causal=c["is_causal"], enable_gqa=c["Hq"] != c["Hkv"])
+
+    def loss(backend, w):
+        def f(*z):
+            ops = [None] * 6
+            for i, x in zip(used, z):
+                ops[i] = x
+            out, out_t = sk.attention_jvp(*ops, **kw, backend=backend)
+            return (out * w[0]).pow(2).sum() + (out_t * w[1]).pow(2).sum() + (out * out_t).sum()
+        return f
+
+    want_g, want_h = _second(how, loss("reference", w), xs, ts)
+    kw["attn_mask"] = None if mask is None else mask.to(device)
+    got_g, got_h = _second(how, loss(name, w.to(device, dtype)), [x.to(device, dtype) for x in xs],
+                           [t.to(device, dtype) for t in ts])
+    assert len(got_h) == len(used)
+    for a, b in zip(got_g + got_h, want_g + want_h):
+        torch.testing.assert_close(a.cpu().double(), b, **_tol(dtype))
+    assert all(float(h.abs().max()) > 1e-3 for h in want_h)
+
+
+def test_attention_jvp_gradgradcheck(kernel_backend):
+    """gradgradcheck of attention_jvp (both outputs) on the float64 backends: the differentiated
+    (A27) against finite differences of the kernels' own (A27)."""
+    name, device = kernel_backend
+    if name == "cuda" or _dtype(name) != torch.float64:
+        pytest.skip("gradgradcheck needs a float64 attention backend")
+    gen = torch.Generator().manual_seed(13)
+    xs = [torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+          for _ in range(6)]
+
+    def f(q, k, v, tq, tk, tv):
+        return sk.attention_jvp(q, k, v, tq, tk, tv, is_causal=True, backend=name)
+
+    assert torch.autograd.gradgradcheck(f, xs, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_grad_under_forward_ad(kernel_backend):
+    """forward_ad dual tensors with a create_graph backward: attention under forward AD runs the fused
+    primal+tangent Function, whose backward is then differentiated in forward mode; the tangent of
+    the gradient equals the reference's (not zero, not an error)."""
     name, device = kernel_backend
     if name == "cuda":
         pytest.skip("attention has no CUDA C++ kernel")
     dtype = _dtype(name)
-    q, k, v = (torch.randn(1, 2, 7, 8, dtype=dtype, device=device) for _ in range(3))
-    with fwAD.dual_level():
-        qd = fwAD.make_dual(q.clone().requires_grad_(), torch.randn_like(q))
-        loss = sk.attention(qd, k, v, backend=name).pow(2).sum()
-        with pytest.raises(NotImplementedError, match=r"attention_jvp: differentiating through the backward"):
-            torch.autograd.grad(loss, qd, create_graph=True)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v, tq = (torch.randn(1, 2, 7, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+
+    def grad_and_tangent(backend, dev, dt):
+        with fwAD.dual_level():
+            qd = fwAD.make_dual(q.to(dev, dt).requires_grad_(), tq.to(dev, dt))
+            loss = sk.attention(qd, k.to(dev, dt), v.to(dev, dt), backend=backend).pow(2).sum()
+            (g,) = torch.autograd.grad(loss, qd, create_graph=True)
+            p, t = fwAD.unpack_dual(g)
+            return p.detach().cpu().double(), t.detach().cpu().double()
+
+    got = grad_and_tangent(name, device, dtype)
+    want = grad_and_tangent("reference", "cpu", torch.float64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+    assert float(want[1].abs().max()) > 1e-3
 
 
 def _other_ops(device, dtype):
@@ -289,6 +366,8 @@ def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
         raise AssertionError("reference_backward taken on a first-order path")
 
     monkeypatch.setattr(function, "reference_backward", boom)
+    monkeypatch.setattr(function, "reference_jvp_backward", boom)
+    monkeypatch.setattr(function, "reference_jvp_jvp", boom)
     from scm_kernels.group_norm import function as gn_function
 
     monkeypatch.setattr(gn_function, "reference_backward", boom)
@@ -310,6 +389,17 @@ def test_first_order_paths_stay_on_the_kernels(kernel_backend, monkeypatch):
     torch.func.jvp(loss, (q,), (torch.ones_like(q),))
     with torch.enable_grad():  # vjp_fn runs its backward with create_graph = grad mode
         torch.func.vjp(loss, q)[1](torch.ones((), dtype=dtype, device=device))
+
+    def jvp_loss(q, tq):  # attention_jvp's (A27) and the gradient of a JVP taken by torch.func.jvp
+        out, out_t = sk.attention_jvp(q, k, v, tq, None, v, backend=name)
+        return (out * out_t).sum() + torch.func.jvp(loss, (q,), (tq,))[1]
+
+    qq, tq = q.clone().requires_grad_(), torch.randn_like(q).requires_grad_()
+    jvp_loss(qq, tq).backward()
+    torch.func.grad(jvp_loss, argnums=(0, 1))(q, tq)
+    with fwAD.dual_level():  # forward_ad as sCM uses it: a loss on the unpacked primal and tangent
+        out, out_t = fwAD.unpack_dual(sk.attention(fwAD.make_dual(qq, tq), k, v, backend=name))
+        (out * out_t).sum().backward()
     for op, (make, z) in _other_ops(device, dtype).items():  # and the other ops do not refuse them
         zz = z.clone().requires_grad_()
         make(name)(zz).backward()
