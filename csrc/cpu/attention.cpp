@@ -50,6 +50,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 
 // Fortran BLAS of the BLAS torch is linked with (MKL in the official wheels exports these). Weak, so
@@ -81,6 +85,9 @@ inline i64 q_block_fwd(i64 Nq) { return Nq >= 768 ? 256 : Nq >= 192 ? 64 : 32; }
 constexpr i64 kKvBlockFwd = 512;
 inline i64 q_block_bwd(i64 Nq) { return Nq >= 192 ? 128 : 32; }
 constexpr i64 kKvBlockBwd = 128;
+// Largest transposed key operand (floats, per thread) the forward keeps for the register-tiled GEMM;
+// longer keys take the BLAS path.
+constexpr i64 kKeyCacheFloats = i64(8) << 20;
 // Largest per-task dq accumulator (bytes) of the fused backward schedule.
 constexpr i64 kFusedDqBytes = i64(64) << 20;
 
@@ -124,6 +131,118 @@ template <class T>
 SCM_ATTN_INLINE void mm(bool ta, bool tb, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda, const T* B, i64 ldb,
                         T beta, T* C, i64 ldc) {
   blas_gemm<T>(tb, ta, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Register-tiled fp32 GEMM on row-major operands (AVX-512), for the forward/JVP block products
+// ---------------------------------------------------------------------------------------------
+// C (M x N, row stride ldc) = alpha A B (+ C when acc), A (M x K) and B (K x N) row-major with row
+// strides lda, ldb. Tiles of 6 rows x 64 columns live in 24 zmm accumulators; every k step loads
+// one 64-wide row of B and broadcasts 6 elements of A. Nothing is packed: the forward's operands
+// already have this layout (the logits and probabilities S / P row-major, v row-major, k
+// transposed once per head into a per-thread buffer), where the BLAS would repack a block of
+// P (r x 512 floats) and the key tiles for every product. Each output element is one fp32 sum over
+// k = 0 .. K-1 in order, then scaled, then added to C: deterministic, independent of threads.
+// Measured on the 2-core Zen 4 VM, one thread: P v (252 x 512 x 64) 108-111 GFLOP/s, q k^T
+// (252 x 64 x 512) 92-96, against 96-103 for MKL's sgemm on the same shapes (its packing included).
+namespace rt {
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SCM_RT_GEMM 1
+#define SCM_RT_TARGET __attribute__((target("avx512f")))
+
+template <int R, int NV>
+SCM_RT_TARGET void tile(i64 K, const float* __restrict A, i64 lda, const float* __restrict B, i64 ldb, float* C,
+                        i64 ldc, __mmask16 last, float alpha, bool acc) {
+  // Every loop over the tile is unrolled so that c stays in registers (a loop left rolled makes GCC
+  // keep the array in memory and store it back on every k step).
+  __m512 c[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[i][v] = _mm512_setzero_ps();
+  for (i64 k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v + 1 < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+    bv[NV - 1] = _mm512_maskz_loadu_ps(last, b + 16 * (NV - 1));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, bv[v], c[i][v]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    float* ci = C + i * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v + 1 < NV; ++v) {
+      __m512 x = _mm512_mul_ps(c[i][v], al);
+      if (acc) x = _mm512_add_ps(x, _mm512_loadu_ps(ci + 16 * v));
+      _mm512_storeu_ps(ci + 16 * v, x);
+    }
+    __m512 x = _mm512_mul_ps(c[i][NV - 1], al);
+    if (acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(last, ci + 16 * (NV - 1)));
+    _mm512_mask_storeu_ps(ci + 16 * (NV - 1), last, x);
+  }
+}
+
+template <int R>
+SCM_RT_TARGET void row_panel(int nv, i64 K, const float* A, i64 lda, const float* B, i64 ldb, float* C, i64 ldc,
+                             __mmask16 last, float alpha, bool acc) {
+  switch (nv) {
+    case 1: tile<R, 1>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
+    case 2: tile<R, 2>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
+    case 3: tile<R, 3>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
+    default: tile<R, 4>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
+  }
+}
+
+SCM_RT_TARGET void gemm(i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda, const float* B, i64 ldb,
+                        bool acc, float* C, i64 ldc) {
+  constexpr i64 kRows = 6, kCols = 64;
+  for (i64 j = 0; j < N; j += kCols) {  // a 64-column panel of B stays in L1 over the row panels
+    const i64 w = std::min(kCols, N - j);
+    const int nv = int((w + 15) / 16);
+    const int rem = int(w - 16 * (nv - 1));
+    const __mmask16 last = __mmask16(rem == 16 ? 0xFFFF : (1u << rem) - 1);
+    i64 i = 0;
+    for (; i + kRows <= M; i += kRows)
+      row_panel<6>(nv, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, last, alpha, acc);
+    const float* a = A + i * lda;
+    float* c = C + i * ldc + j;
+    switch (M - i) {
+      case 5: row_panel<5>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 4: row_panel<4>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 3: row_panel<3>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 2: row_panel<2>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 1: row_panel<1>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      default: break;
+    }
+  }
+}
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && std::getenv("SCM_CPU_ATTN_BLAS") == nullptr;
+  return ok;
+}
+#else
+inline bool available() { return false; }
+inline void gemm(i64, i64, i64, float, const float*, i64, const float*, i64, bool, float*, i64) {}
+#endif
+}  // namespace rt
+
+// Row-major C (M x N) = alpha A B (+ C when acc) with B row-major: the register-tiled kernel for fp32
+// where it runs, else the BLAS (mm).
+template <class T>
+SCM_ATTN_INLINE void mm_rr(bool fast, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda, const T* B, i64 ldb,
+                           bool acc, T* C, i64 ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) return rt::gemm(M, N, K, alpha, A, lda, B, ldb, acc, C, ldc);
+  }
+  mm<T>(false, false, M, N, K, alpha, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,6 +459,25 @@ Mat<T> kv_tile(const View4<S>& x, i64 b, i64 h, i64 j0, i64 n, i64 cols, T* buf)
   return {buf, cols};
 }
 
+// Row stride of a transposed key operand: Nk rounded up to 16 floats, plus 16, so that the D rows
+// of a 64-key panel (read together by every k step of rt::gemm) never sit a power of two apart and
+// share L1 sets (a 4096-key row stride cost 15% in the q k^T product).
+inline i64 key_ld(i64 Nk) { return (Nk + 15) / 16 * 16 + 16; }
+
+// All Nk rows of a key-side operand of kv head (b, kh), transposed into dst (D x ld, row-major): the
+// B operand of the logit products of the register-tiled GEMM (rt::gemm). Blocks of 64 keys keep
+// their rows in L1 while each of the D output rows is written.
+template <class T, class S>
+void transpose_keys(const View4<S>& x, i64 b, i64 kh, i64 Nk, i64 D, T* dst, i64 ld) {
+  for (i64 j0 = 0; j0 < Nk; j0 += 64) {
+    const i64 n = std::min<i64>(64, Nk - j0);
+    for (i64 e = 0; e < D; ++e) {
+      T* o = dst + e * ld + j0;
+      for (i64 j = 0; j < n; ++j) o[j] = static_cast<T>(x.row(b, kh, j0 + j)[e]);
+    }
+  }
+}
+
 // 64-byte aligned scratch of one task chunk (the same alignment on every call, so the BLAS takes
 // the same code path and the results are reproducible).
 template <class T>
@@ -479,6 +617,9 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
   const bool has_tq = a.jvp && a.has_tq, has_tk = a.jvp && a.has_tk, has_tv = a.jvp && a.has_tv;
   const i64 stack = has_sd ? 2 : 1;  // [S; S'] and [acc_O; acc_B] are stacked row blocks
   const T ninf = -std::numeric_limits<T>::infinity(), pinf = std::numeric_limits<T>::infinity();
+  // fp32 tiles on AVX-512: the register-tiled GEMM on k^T (and k'^T) transposed once per kv head
+  const i64 ldk = key_ld(d.Nk);
+  const bool fast = std::is_same_v<T, float> && rt::available() && d.D * ldk <= kKeyCacheFloats;
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
@@ -486,8 +627,11 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
     T* sb = ws.take(stack * qB * kvB);       // [S; S'] -> [P; P S'] (row stride kvB)
     T* acc = ws.take(stack * qB * d.Dv);     // [acc_O; acc_B]
     T* acc_a = has_tv ? ws.take(qB * d.Dv) : nullptr;
-    T* kbuf = ws.take(kvB * d.D);
-    T* tkbuf = has_tk ? ws.take(kvB * d.D) : nullptr;
+    T* kbuf = fast ? nullptr : ws.take(kvB * d.D);
+    T* tkbuf = has_tk && !fast ? ws.take(kvB * d.D) : nullptr;
+    T* kc = fast ? ws.take(d.D * ldk) : nullptr;             // k^T of the current kv head
+    T* tkc = fast && has_tk ? ws.take(d.D * ldk) : nullptr;  // k'^T
+    i64 cached = -1;
     T* vbuf = ws.take(kvB * d.Dv);
     T* tvbuf = has_tv ? ws.take(kvB * d.Dv) : nullptr;
     T* m = ws.take(qB);
@@ -512,16 +656,27 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
       std::fill(acc, acc + stack * r * d.Dv, T(0));
       if (has_tv) std::fill(acc_a, acc_a + r * d.Dv, T(0));
 
+      if (fast && cached != b * d.Hkv + kh) {
+        transpose_keys(a.k, b, kh, d.Nk, d.D, kc, ldk);
+        if (has_tk) transpose_keys(a.tk, b, kh, d.Nk, d.D, tkc, ldk);
+        cached = b * d.Hkv + kh;
+      }
+
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
         const i64 c = std::min(kvB, jend - j0);
-        const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
         const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
-        if (has_tk) {
-          const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
-          mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
+        if (fast) {
+          mm_rr<T>(true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
+          if (has_tk) mm_rr<T>(true, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
+        } else {
+          const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
+          mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
+          if (has_tk) {
+            const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
+            mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
+          }
         }
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // online softmax (A25): one exp per logit
@@ -549,10 +704,10 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
           rho[rr] += ps;
         }
         // [acc_O; acc_B] += [P; P S'] v,  acc_A += P v'
-        mm<T>(false, false, stack * r, d.Dv, c, T(1), s, kvB, vt.p, vt.ld, T(1), acc, d.Dv);
+        mm_rr<T>(fast, stack * r, d.Dv, c, T(1), s, kvB, vt.p, vt.ld, true, acc, d.Dv);
         if (has_tv) {
           const Mat<T> tvt = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
-          mm<T>(false, false, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, T(1), acc_a, d.Dv);
+          mm_rr<T>(fast, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc_a, d.Dv);
         }
       }
       // finish (A25): O = acc_O / l, mu = rho / l, O' = (acc_A + acc_B) / l - mu O; lse = m + log l
@@ -612,14 +767,19 @@ void tangent_kernel(const TanArgs<S, T>& a) {
   const Dims& d = a.d;
   const i64 qB = q_block_fwd(d.Nq), kvB = kKvBlockFwd, nqb = ceil_div(d.Nq, qB);
   const bool has_tq = a.has_tq, has_tk = a.has_tk, has_tv = a.has_tv, has_sd = has_tq || has_tk;
+  const i64 ldk = key_ld(d.Nk);
+  const bool fast = std::is_same_v<T, float> && rt::available() && d.D * ldk <= kKeyCacheFloats;
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
     T* qq = ws.take(2 * qB * d.D);      // [q; q'] tile
     T* sb = ws.take(2 * qB * kvB);      // [S; S'] -> [P; P (S' - c)] (row stride kvB)
     T* acc = ws.take(qB * d.Dv);        // acc_T
-    T* kbuf = ws.take(kvB * d.D);
-    T* tkbuf = has_tk ? ws.take(kvB * d.D) : nullptr;
+    T* kbuf = fast ? nullptr : ws.take(kvB * d.D);
+    T* tkbuf = has_tk && !fast ? ws.take(kvB * d.D) : nullptr;
+    T* kc = fast ? ws.take(d.D * ldk) : nullptr;             // k^T of the current kv head
+    T* tkc = fast && has_tk ? ws.take(d.D * ldk) : nullptr;  // k'^T
+    i64 cached = -1;
     T* vbuf = has_sd ? ws.take(kvB * d.Dv) : nullptr;
     T* tvbuf = has_tv ? ws.take(kvB * d.Dv) : nullptr;
     T* cref = ws.take(qB);
@@ -639,16 +799,26 @@ void tangent_kernel(const TanArgs<S, T>& a) {
       std::fill(l, l + r, T(0));
       std::fill(rho, rho + r, T(0));
       std::fill(acc, acc + r * d.Dv, T(0));
+      if (fast && cached != b * d.Hkv + kh) {
+        transpose_keys(a.k, b, kh, d.Nk, d.D, kc, ldk);
+        if (has_tk) transpose_keys(a.tk, b, kh, d.Nk, d.D, tkc, ldk);
+        cached = b * d.Hkv + kh;
+      }
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
         const i64 c = std::min(kvB, jend - j0);
-        const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
-        if (has_tk) {
-          const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
-          mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
+        if (fast) {
+          mm_rr<T>(true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
+          if (has_tk) mm_rr<T>(true, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
+        } else {
+          const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
+          mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
+          if (has_tk) {
+            const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
+            mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
+          }
         }
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // P = e^{s - lse} (0 on a hidden row: lse = +inf); P (S' - c) and the row sums
@@ -675,11 +845,11 @@ void tangent_kernel(const TanArgs<S, T>& a) {
         // acc_T += P v' + (P (S' - c)) v
         if (has_tv) {
           const Mat<T> tvt = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
-          mm<T>(false, false, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, T(1), acc, d.Dv);
+          mm_rr<T>(fast, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc, d.Dv);
         }
         if (has_sd) {
           const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
-          mm<T>(false, false, r, d.Dv, c, T(1), sd, kvB, vt.p, vt.ld, T(1), acc, d.Dv);
+          mm_rr<T>(fast, r, d.Dv, c, T(1), sd, kvB, vt.p, vt.ld, true, acc, d.Dv);
         }
       }
       // finish: O' = acc_T / L - (rho / L) O, mu = c + rho / L (O' = 0, mu = 0 on a hidden row)

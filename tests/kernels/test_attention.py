@@ -579,6 +579,49 @@ def test_cpu_independent_of_thread_count():
         assert torch.equal(a, b)
 
 
+_BLAS_PATH_CASES = (dict(B=1, Hq=2, Nq=97, Nk=1030, D=72, Dv=40),
+                    dict(B=2, Hq=4, Hkv=2, Nq=33, Nk=45, D=111, Dv=160, is_causal=True, mask="float", seed=3),
+                    dict(B=1, Hq=1, Nq=7, Nk=5, D=256, dtype=torch.bfloat16))
+_BLAS_PATH_SCRIPT = """
+import math, sys, torch, scm_kernels
+from tests.kernels.test_attention import _BLAS_PATH_CASES, make_case
+out = []
+for case in _BLAS_PATH_CASES:
+    xs, kw, ts = make_case(**case)
+    o, ot = scm_kernels.attention_jvp(*xs, *ts, **kw, backend="cpu")
+    scale = 1 / math.sqrt(xs[0].shape[-1])
+    o2, lse = torch.ops.scm.attention_fwd(*xs, None, kw["is_causal"], scale)  # the tangent-only kernel
+    out.append((o, ot, o2, torch.ops.scm.attention_jvp_tangent(*xs, *ts, o2, lse, None, kw["is_causal"], scale)[0]))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cpu_blas_and_register_tiled_paths(tmp_path):
+    """The CPU forward/JVP run their block products on a register-tiled AVX-512 GEMM where the CPU
+    has AVX-512, else on the BLAS (also with SCM_CPU_ATTN_BLAS set, read once per process). Both
+    paths, each in its own process, meet the tolerance rule on shapes with tails in every dimension
+    (Nk not a multiple of the 512-key block, odd head dims, Dv > 64), through attention_jvp and the
+    tangent-only kernel."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for extra in ({}, {"SCM_CPU_ATTN_BLAS": "1"}):
+        env = {k: v for k, v in os.environ.items() if k != "SCM_CPU_ATTN_BLAS"}
+        env.update(extra, PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
+        f = tmp_path / "out.pt"
+        subprocess.run([sys.executable, "-c", _BLAS_PATH_SCRIPT, str(f)], env=env, cwd=root, check=True)
+        for case, (o, ot, o2, ot2) in zip(_BLAS_PATH_CASES, torch.load(f)):
+            xs, kw, ts = make_case(**case)
+            dtype = xs[0].dtype
+            nomask = {**kw, "attn_mask": None}
+            for got, k_, i in ((o, kw, 0), (ot, kw, 1), (o2, nomask, 0), (ot2, nomask, 1)):
+                want = _ref(reference.attention_jvp, xs + ts, k_, torch.float64)[i]
+                lowp = _ref(reference.attention_jvp, xs + ts, k_, dtype)[i]
+                assert_rule(got, want, lowp, dtype, what=f"{extra or 'default'} {case} output {i}")
+
+
 def test_grad_after_jvp_pass_equals_plain_grad(kernel_backend):
     """A no-grad JVP pass (as in sCM training) leaves the following gradient pass unchanged."""
     name, device = kernel_backend
