@@ -153,8 +153,8 @@ namespace rt {
 #define SCM_RT_TARGET __attribute__((target("avx512f")))
 
 template <int R, int NV>
-SCM_RT_TARGET void tile(i64 K, const float* __restrict A, i64 lda, const float* __restrict B, i64 ldb, float* C,
-                        i64 ldc, __mmask16 last, float alpha, bool acc) {
+SCM_RT_TARGET void tile(i64 K, const float* __restrict A, i64 sai, i64 sak, const float* __restrict B, i64 ldb,
+                        float* C, i64 ldc, __mmask16 last, float alpha, bool acc) {
   // Every loop over the tile is unrolled so that c stays in registers (a loop left rolled makes GCC
   // keep the array in memory and store it back on every k step).
   __m512 c[R][NV];
@@ -170,7 +170,7 @@ SCM_RT_TARGET void tile(i64 K, const float* __restrict A, i64 lda, const float* 
     bv[NV - 1] = _mm512_maskz_loadu_ps(last, b + 16 * (NV - 1));
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      const __m512 a = _mm512_set1_ps(A[i * sai + k * sak]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, bv[v], c[i][v]);
     }
@@ -192,18 +192,20 @@ SCM_RT_TARGET void tile(i64 K, const float* __restrict A, i64 lda, const float* 
 }
 
 template <int R>
-SCM_RT_TARGET void row_panel(int nv, i64 K, const float* A, i64 lda, const float* B, i64 ldb, float* C, i64 ldc,
-                             __mmask16 last, float alpha, bool acc) {
+SCM_RT_TARGET void row_panel(int nv, i64 K, const float* A, i64 sai, i64 sak, const float* B, i64 ldb, float* C,
+                             i64 ldc, __mmask16 last, float alpha, bool acc) {
   switch (nv) {
-    case 1: tile<R, 1>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
-    case 2: tile<R, 2>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
-    case 3: tile<R, 3>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
-    default: tile<R, 4>(K, A, lda, B, ldb, C, ldc, last, alpha, acc); break;
+    case 1: tile<R, 1>(K, A, sai, sak, B, ldb, C, ldc, last, alpha, acc); break;
+    case 2: tile<R, 2>(K, A, sai, sak, B, ldb, C, ldc, last, alpha, acc); break;
+    case 3: tile<R, 3>(K, A, sai, sak, B, ldb, C, ldc, last, alpha, acc); break;
+    default: tile<R, 4>(K, A, sai, sak, B, ldb, C, ldc, last, alpha, acc); break;
   }
 }
 
-SCM_RT_TARGET void gemm(i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda, const float* B, i64 ldb,
-                        bool acc, float* C, i64 ldc) {
+// A's element (i, k) is A[i sai + k sak]: (lda, 1) for a row-major A, (1, lda) for the transpose of
+// a row-major (K x M) matrix (its 6 broadcasts per k step then read 6 adjacent floats).
+SCM_RT_TARGET void gemm(i64 M, i64 N, i64 K, float alpha, const float* A, i64 sai, i64 sak, const float* B,
+                        i64 ldb, bool acc, float* C, i64 ldc) {
   constexpr i64 kRows = 6, kCols = 64;
   for (i64 j = 0; j < N; j += kCols) {  // a 64-column panel of B stays in L1 over the row panels
     const i64 w = std::min(kCols, N - j);
@@ -212,15 +214,15 @@ SCM_RT_TARGET void gemm(i64 M, i64 N, i64 K, float alpha, const float* A, i64 ld
     const __mmask16 last = __mmask16(rem == 16 ? 0xFFFF : (1u << rem) - 1);
     i64 i = 0;
     for (; i + kRows <= M; i += kRows)
-      row_panel<6>(nv, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, last, alpha, acc);
-    const float* a = A + i * lda;
+      row_panel<6>(nv, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, last, alpha, acc);
+    const float* a = A + i * sai;
     float* c = C + i * ldc + j;
     switch (M - i) {
-      case 5: row_panel<5>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
-      case 4: row_panel<4>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
-      case 3: row_panel<3>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
-      case 2: row_panel<2>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
-      case 1: row_panel<1>(nv, K, a, lda, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 5: row_panel<5>(nv, K, a, sai, sak, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 4: row_panel<4>(nv, K, a, sai, sak, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 3: row_panel<3>(nv, K, a, sai, sak, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 2: row_panel<2>(nv, K, a, sai, sak, B + j, ldb, c, ldc, last, alpha, acc); break;
+      case 1: row_panel<1>(nv, K, a, sai, sak, B + j, ldb, c, ldc, last, alpha, acc); break;
       default: break;
     }
   }
@@ -232,19 +234,20 @@ inline bool available() {
 }
 #else
 inline bool available() { return false; }
-inline void gemm(i64, i64, i64, float, const float*, i64, const float*, i64, bool, float*, i64) {}
+inline void gemm(i64, i64, i64, float, const float*, i64, i64, const float*, i64, bool, float*, i64) {}
 #endif
 }  // namespace rt
 
-// Row-major C (M x N) = alpha A B (+ C when acc) with B row-major: the register-tiled kernel for fp32
-// where it runs, else the BLAS (mm).
+// Row-major C (M x N) = alpha op(A) B (+ C when acc) with B row-major and op(A) = A (ta false, A
+// M x K) or A^T (ta true, A stored K x M), lda A's row stride: the register-tiled kernel for fp32
+// where it runs (fast), else the BLAS (mm).
 template <class T>
-SCM_ATTN_INLINE void mm_rr(bool fast, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda, const T* B, i64 ldb,
-                           bool acc, T* C, i64 ldc) {
+SCM_ATTN_INLINE void mm_rr(bool fast, bool ta, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda, const T* B,
+                           i64 ldb, bool acc, T* C, i64 ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (fast) return rt::gemm(M, N, K, alpha, A, lda, B, ldb, acc, C, ldc);
+    if (fast) return rt::gemm(M, N, K, alpha, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, acc, C, ldc);
   }
-  mm<T>(false, false, M, N, K, alpha, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
+  mm<T>(ta, false, M, N, K, alpha, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -670,8 +673,8 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
         const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
         if (fast) {
-          mm_rr<T>(true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
-          if (has_tk) mm_rr<T>(true, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
+          mm_rr<T>(true, false, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
+          if (has_tk) mm_rr<T>(true, false, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
         } else {
           const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
           mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
@@ -706,10 +709,10 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
           rho[rr] += ps;
         }
         // [acc_O; acc_B] += [P; P S'] v,  acc_A += P v'
-        mm_rr<T>(fast, stack * r, d.Dv, c, T(1), s, kvB, vt.p, vt.ld, true, acc, d.Dv);
+        mm_rr<T>(fast, false, stack * r, d.Dv, c, T(1), s, kvB, vt.p, vt.ld, true, acc, d.Dv);
         if (has_tv) {
           const Mat<T> tvt = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
-          mm_rr<T>(fast, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc_a, d.Dv);
+          mm_rr<T>(fast, false, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc_a, d.Dv);
         }
       }
       // finish (A25): O = acc_O / l, mu = rho / l, O' = (acc_A + acc_B) / l - mu O; lse = m + log l
@@ -812,8 +815,8 @@ void tangent_kernel(const TanArgs<S, T>& a) {
         const i64 c = std::min(kvB, jend - j0);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
         if (fast) {
-          mm_rr<T>(true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
-          if (has_tk) mm_rr<T>(true, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
+          mm_rr<T>(true, false, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
+          if (has_tk) mm_rr<T>(true, false, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
         } else {
           const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
           mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
@@ -847,11 +850,11 @@ void tangent_kernel(const TanArgs<S, T>& a) {
         // acc_T += P v' + (P (S' - c)) v
         if (has_tv) {
           const Mat<T> tvt = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
-          mm_rr<T>(fast, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc, d.Dv);
+          mm_rr<T>(fast, false, r, d.Dv, c, T(1), s, kvB, tvt.p, tvt.ld, true, acc, d.Dv);
         }
         if (has_sd) {
           const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
-          mm_rr<T>(fast, r, d.Dv, c, T(1), sd, kvB, vt.p, vt.ld, true, acc, d.Dv);
+          mm_rr<T>(fast, false, r, d.Dv, c, T(1), sd, kvB, vt.p, vt.ld, true, acc, d.Dv);
         }
       }
       // finish: O' = acc_T / L - (rho / L) O, mu = c + rho / L (O' = 0, mu = 0 on a hidden row)
@@ -898,21 +901,44 @@ struct QTiles {
   T *q = nullptr, *tq = nullptr, *dout = nullptr, *g = nullptr;
 };
 
+// Key-side tiles of one (b, kv head, key block): row-major (c rows); with the register-tiled GEMM
+// also transposed (kT: D x c, ...), the B operands of the products with a transposed key operand.
 template <class T>
 struct KTiles {
   Mat<T> k, tk, v, tv;
+  Mat<T> kT, tkT, vT, tvT;
 };
+
+// The transpose of the rows x cols tile m into dst (cols x rows, row stride ld).
+template <class T>
+void transpose_tile(const Mat<T>& m, i64 rows, i64 cols, T* dst, i64 ld) {
+  for (i64 j0 = 0; j0 < rows; j0 += 64) {
+    const i64 n = std::min<i64>(64, rows - j0);
+    for (i64 e = 0; e < cols; ++e)
+      for (i64 j = 0; j < n; ++j) dst[e * ld + j0 + j] = m.p[(j0 + j) * m.ld + e];
+  }
+}
 
 // Per-task scratch of the backward.
 template <class S, class T>
 struct BwdWork {
   QTiles<T> qt;
   T *kbuf = nullptr, *tkbuf = nullptr, *vbuf = nullptr, *tvbuf = nullptr;
+  T *kTbuf = nullptr, *tkTbuf = nullptr, *vTbuf = nullptr, *tvTbuf = nullptr;  // transposed, row stride ldt
   T *p = nullptr, *x = nullptr, *y = nullptr, *sd = nullptr;  // (q block x key block), row stride kvB
-  i64 kvB = 0;
+  i64 kvB = 0, ldt = 0;
+  bool fast = false;  // fp32 on AVX-512: the register-tiled GEMM (rt::gemm) for every product
 
   BwdWork(const BwdArgs<S, T>& a, i64 qB, i64 kvB_, Scratch<T>& ws) : kvB(kvB_) {
     const Dims& d = a.d;
+    fast = std::is_same_v<T, float> && rt::available();
+    if (fast) {
+      ldt = key_ld(kvB);
+      kTbuf = ws.take(d.D * ldt);
+      vTbuf = ws.take(d.Dv * ldt);
+      if (a.has_g && a.has_tk) tkTbuf = ws.take(d.D * ldt);
+      if (a.has_g && a.has_tv) tvTbuf = ws.take(d.Dv * ldt);
+    }
     qt.q = ws.take(qB * d.D);
     if (a.has_g && a.has_tq) qt.tq = ws.take(qB * d.D);
     if (a.has_do) qt.dout = ws.take(qB * d.Dv);
@@ -942,6 +968,16 @@ struct BwdWork {
     kt.v = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
     if (tkbuf) kt.tk = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
     if (tvbuf) kt.tv = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
+    if (fast) {
+      auto tr = [&](const Mat<T>& m, i64 cols, T* buf) {
+        transpose_tile(m, c, cols, buf, ldt);
+        return Mat<T>{buf, ldt};
+      };
+      kt.kT = tr(kt.k, d.D, kTbuf);
+      kt.vT = tr(kt.v, d.Dv, vTbuf);
+      if (tkbuf) kt.tkT = tr(kt.tk, d.D, tkTbuf);
+      if (tvbuf) kt.tvT = tr(kt.tv, d.Dv, tvTbuf);
+    }
     return kt;
   }
 };
@@ -966,19 +1002,25 @@ void bwd_pair(const BwdArgs<S, T>& a, BwdWork<S, T>& w, const KTiles<T>& kt, i64
   T* x = w.x;
   T* y = w.y;
   T* sd = w.sd;
+  const bool fast = w.fast;
+  // C (r x c, row stride ld) = alpha A m^T (+ C): m (c x cols) a key-side tile, mT its transpose
+  auto by_keys = [&](i64 cols, T alpha, const T* A, const Mat<T>& m, const Mat<T>& mT, bool acc_c, T* C) {
+    if (fast) return mm_rr<T>(true, false, r, c, cols, alpha, A, cols, mT.p, mT.ld, acc_c, C, ld);
+    mm<T>(false, true, r, c, cols, alpha, A, cols, m.p, m.ld, acc_c ? T(1) : T(0), C, ld);
+  };
   // P = exp(lambda q k^T + mask - lse)
-  mm<T>(false, true, r, c, d.D, a.scale, qt.q, d.D, kt.k.p, kt.k.ld, T(0), p, ld);
+  by_keys(d.D, a.scale, qt.q, kt.k, kt.kT, false, p);
   apply_mask(p, ld, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
   for (i64 rr = 0; rr < r; ++rr) row_exp(p + rr * ld, c, a.lse[row0 + rr]);
   // x = dO v^T + g v'^T;  y = g v^T;  sd = lambda (q' k^T + q k'^T)
-  if (a.has_do) mm<T>(false, true, r, c, d.Dv, T(1), qt.dout, d.Dv, kt.v.p, kt.v.ld, T(0), x, ld);
-  if (g_tv) mm<T>(false, true, r, c, d.Dv, T(1), qt.g, d.Dv, kt.tv.p, kt.tv.ld, a.has_do ? T(1) : T(0), x, ld);
+  if (a.has_do) by_keys(d.Dv, T(1), qt.dout, kt.v, kt.vT, false, x);
+  if (g_tv) by_keys(d.Dv, T(1), qt.g, kt.tv, kt.tvT, a.has_do, x);
   if (!a.has_do && !g_tv)
     for (i64 rr = 0; rr < r; ++rr) std::fill(x + rr * ld, x + rr * ld + c, T(0));
-  if (a.has_g) mm<T>(false, true, r, c, d.Dv, T(1), qt.g, d.Dv, kt.v.p, kt.v.ld, T(0), y, ld);
+  if (a.has_g) by_keys(d.Dv, T(1), qt.g, kt.v, kt.vT, false, y);
   if (use_sd) {
-    if (g_tq) mm<T>(false, true, r, c, d.D, a.scale, qt.tq, d.D, kt.k.p, kt.k.ld, T(0), sd, ld);
-    if (g_tk) mm<T>(false, true, r, c, d.D, a.scale, qt.q, d.D, kt.tk.p, kt.tk.ld, g_tq ? T(1) : T(0), sd, ld);
+    if (g_tq) by_keys(d.D, a.scale, qt.tq, kt.k, kt.kT, false, sd);
+    if (g_tk) by_keys(d.D, a.scale, qt.q, kt.tk, kt.tkT, g_tq, sd);
   }
   // x <- ds, y <- ds', sd <- P (s' - mu)
   for (i64 rr = 0; rr < r; ++rr) {
@@ -993,22 +1035,22 @@ void bwd_pair(const BwdArgs<S, T>& a, BwdWork<S, T>& w, const KTiles<T>& kt, i64
   }
   // dq += lambda (ds k + ds' k'),  dq' += lambda ds' k
   if (acc.dq) {
-    mm<T>(false, false, r, d.D, c, a.scale, x, ld, kt.k.p, kt.k.ld, T(1), acc.dq, d.D);
-    if (g_tk) mm<T>(false, false, r, d.D, c, a.scale, y, ld, kt.tk.p, kt.tk.ld, T(1), acc.dq, d.D);
+    mm_rr<T>(fast, false, r, d.D, c, a.scale, x, ld, kt.k.p, kt.k.ld, true, acc.dq, d.D);
+    if (g_tk) mm_rr<T>(fast, false, r, d.D, c, a.scale, y, ld, kt.tk.p, kt.tk.ld, true, acc.dq, d.D);
   }
-  if (acc.dtq && g_tq) mm<T>(false, false, r, d.D, c, a.scale, y, ld, kt.k.p, kt.k.ld, T(1), acc.dtq, d.D);
+  if (acc.dtq && g_tq) mm_rr<T>(fast, false, r, d.D, c, a.scale, y, ld, kt.k.p, kt.k.ld, true, acc.dtq, d.D);
   // dk += lambda (ds^T q + ds'^T q'),  dk' += lambda ds'^T q
   if (acc.dk) {
-    mm<T>(true, false, c, d.D, r, a.scale, x, ld, qt.q, d.D, T(1), acc.dk, d.D);
-    if (g_tq) mm<T>(true, false, c, d.D, r, a.scale, y, ld, qt.tq, d.D, T(1), acc.dk, d.D);
+    mm_rr<T>(fast, true, c, d.D, r, a.scale, x, ld, qt.q, d.D, true, acc.dk, d.D);
+    if (g_tq) mm_rr<T>(fast, true, c, d.D, r, a.scale, y, ld, qt.tq, d.D, true, acc.dk, d.D);
   }
-  if (acc.dtk && g_tk) mm<T>(true, false, c, d.D, r, a.scale, y, ld, qt.q, d.D, T(1), acc.dtk, d.D);
+  if (acc.dtk && g_tk) mm_rr<T>(fast, true, c, d.D, r, a.scale, y, ld, qt.q, d.D, true, acc.dtk, d.D);
   // dv += P^T dO + (P (s' - mu))^T g,  dv' += P^T g
   if (acc.dv) {
-    if (a.has_do) mm<T>(true, false, c, d.Dv, r, T(1), p, ld, qt.dout, d.Dv, T(1), acc.dv, d.Dv);
-    if (use_sd) mm<T>(true, false, c, d.Dv, r, T(1), sd, ld, qt.g, d.Dv, T(1), acc.dv, d.Dv);
+    if (a.has_do) mm_rr<T>(fast, true, c, d.Dv, r, T(1), p, ld, qt.dout, d.Dv, true, acc.dv, d.Dv);
+    if (use_sd) mm_rr<T>(fast, true, c, d.Dv, r, T(1), sd, ld, qt.g, d.Dv, true, acc.dv, d.Dv);
   }
-  if (acc.dtv && g_tv) mm<T>(true, false, c, d.Dv, r, T(1), p, ld, qt.g, d.Dv, T(1), acc.dtv, d.Dv);
+  if (acc.dtv && g_tv) mm_rr<T>(fast, true, c, d.Dv, r, T(1), p, ld, qt.g, d.Dv, true, acc.dtv, d.Dv);
 }
 
 // Per-row statistics of the backward: Delta' = dO.O + g.O', nu = g.O (A26, A27).
