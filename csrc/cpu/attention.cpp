@@ -21,11 +21,11 @@
 //
 // Tiling: a task owns a block of query rows (forward, JVP, dq) or a block of keys of one kv head
 // (dk, dv and their tangents, summed over the G query heads of the kv head inside the task), so
-// memory is O(N * block) and no (Nq, Nk) matrix is ever formed. The forward/JVP block products run
-// on a register-tiled AVX-512 GEMM (rt::gemm) where the CPU has it and the tiles are fp32; the
-// backward's, and all of them for fp64 or without AVX-512, go through the BLAS torch links (MKL
-// sgemm/dgemm). Tiles are fp32 (fp64 for fp64 inputs): fp16/bf16 tiles are converted into
-// buffers, fp32/fp64 operands are read in place. Elementwise row loops are
+// memory is O(N * block) and no (Nq, Nk) matrix is ever formed. The block products run on a
+// register-tiled AVX-512 GEMM (rt::gemm) where the CPU has it and the tiles are fp32; for fp64, or
+// without AVX-512, they go through the BLAS torch links (MKL sgemm/dgemm). Tiles are fp32 (fp64 for
+// fp64 inputs): fp16/bf16 tiles are converted into buffers, fp32/fp64 operands are read in place
+// (key tiles are also transposed where a product needs k^T or v^T). Elementwise row loops are
 // branch-free and vectorized (AVX-512/AVX2 clones), with a polynomial exp (one per logit).
 //
 // Determinism: no atomics; every sum runs in a fixed order that depends only on the shapes, so

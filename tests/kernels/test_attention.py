@@ -588,20 +588,23 @@ from tests.kernels.test_attention import _BLAS_PATH_CASES, make_case
 out = []
 for case in _BLAS_PATH_CASES:
     xs, kw, ts = make_case(**case)
-    o, ot = scm_kernels.attention_jvp(*xs, *ts, **kw, backend="cpu")
+    a = [x.requires_grad_() for x in xs + ts]
+    o, ot = scm_kernels.attention_jvp(*a[:3], *a[3:], **kw, backend="cpu")
+    grads = torch.autograd.grad((o.float() * o.float().cos()).sum() + ot.float().square().sum(), a)  # (A27)
     scale = 1 / math.sqrt(xs[0].shape[-1])
     o2, lse = torch.ops.scm.attention_fwd(*xs, None, kw["is_causal"], scale)  # the tangent-only kernel
-    out.append((o, ot, o2, torch.ops.scm.attention_jvp_tangent(*xs, *ts, o2, lse, None, kw["is_causal"], scale)[0]))
+    ot2 = torch.ops.scm.attention_jvp_tangent(*xs, *ts, o2, lse, None, kw["is_causal"], scale)[0]
+    out.append((o.detach(), ot.detach(), o2, ot2, grads))
 torch.save(out, sys.argv[1])
 """
 
 
 def test_cpu_blas_and_register_tiled_paths(tmp_path):
-    """The CPU forward/JVP run their block products on a register-tiled AVX-512 GEMM where the CPU
-    has AVX-512, else on the BLAS (also with SCM_CPU_ATTN_BLAS set, read once per process). Both
-    paths, each in its own process, meet the tolerance rule on shapes with tails in every dimension
-    (Nk not a multiple of the 512-key block, odd head dims, Dv > 64), through attention_jvp and the
-    tangent-only kernel."""
+    """The CPU kernels run their block products on a register-tiled AVX-512 GEMM where the CPU has
+    AVX-512, else on the BLAS (also with SCM_CPU_ATTN_BLAS set, read once per process). Both paths,
+    each in its own process, meet the tolerance rule on shapes with tails in every dimension (Nk not
+    a multiple of the key blocks, odd head dims, Dv > 64): attention_jvp, the tangent-only kernel,
+    and the backward through both outputs (A27)."""
     import os
     import subprocess
     import sys
@@ -612,7 +615,7 @@ def test_cpu_blas_and_register_tiled_paths(tmp_path):
         env.update(extra, PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
         f = tmp_path / "out.pt"
         subprocess.run([sys.executable, "-c", _BLAS_PATH_SCRIPT, str(f)], env=env, cwd=root, check=True)
-        for case, (o, ot, o2, ot2) in zip(_BLAS_PATH_CASES, torch.load(f)):
+        for case, (o, ot, o2, ot2, grads) in zip(_BLAS_PATH_CASES, torch.load(f)):
             xs, kw, ts = make_case(**case)
             dtype = xs[0].dtype
             nomask = {**kw, "attn_mask": None}
@@ -620,6 +623,15 @@ def test_cpu_blas_and_register_tiled_paths(tmp_path):
                 want = _ref(reference.attention_jvp, xs + ts, k_, torch.float64)[i]
                 lowp = _ref(reference.attention_jvp, xs + ts, k_, dtype)[i]
                 assert_rule(got, want, lowp, dtype, what=f"{extra or 'default'} {case} output {i}")
+
+            def ref_grads(dt):
+                a = [x.detach().to(dt).requires_grad_() for x in xs + ts]
+                ro, rot = (y.to(torch.promote_types(dt, torch.float32))
+                           for y in reference.attention_jvp(*a, **_cast_kw(kw, dt)))
+                return torch.autograd.grad((ro * ro.cos()).sum() + rot.square().sum(), a)
+
+            for i, (got, want, lowp) in enumerate(zip(grads, ref_grads(torch.float64), ref_grads(dtype))):
+                assert_rule(got, want, lowp, dtype, what=f"{extra or 'default'} {case} gradient {i}")
 
 
 def test_grad_after_jvp_pass_equals_plain_grad(kernel_backend):
