@@ -229,7 +229,7 @@ SCM_RT_TARGET void gemm(i64 M, i64 N, i64 K, float alpha, const float* A, i64 sa
 }
 
 inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && std::getenv("SCM_CPU_ATTN_BLAS") == nullptr;
+  static const bool ok = __builtin_cpu_supports("avx512f") && std::getenv("SCM_KERNELS_CPU_BLAS") == nullptr;
   return ok;
 }
 #else

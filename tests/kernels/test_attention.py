@@ -601,7 +601,7 @@ torch.save(out, sys.argv[1])
 
 def test_cpu_blas_and_register_tiled_paths(tmp_path):
     """The CPU kernels run their block products on a register-tiled AVX-512 GEMM where the CPU has
-    AVX-512, else on the BLAS (also with SCM_CPU_ATTN_BLAS set, read once per process). Both paths,
+    AVX-512, else on the BLAS (also with SCM_KERNELS_CPU_BLAS set, read once per process). Both paths,
     each in its own process, meet the tolerance rule on shapes with tails in every dimension (Nk not
     a multiple of the key blocks, odd head dims, Dv > 64): attention_jvp, the tangent-only kernel,
     and the backward through both outputs (A27)."""
@@ -610,8 +610,8 @@ def test_cpu_blas_and_register_tiled_paths(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for extra in ({}, {"SCM_CPU_ATTN_BLAS": "1"}):
-        env = {k: v for k, v in os.environ.items() if k != "SCM_CPU_ATTN_BLAS"}
+    for extra in ({}, {"SCM_KERNELS_CPU_BLAS": "1"}):
+        env = {k: v for k, v in os.environ.items() if k != "SCM_KERNELS_CPU_BLAS"}
         env.update(extra, PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
         f = tmp_path / "out.pt"
         subprocess.run([sys.executable, "-c", _BLAS_PATH_SCRIPT, str(f)], env=env, cwd=root, check=True)
