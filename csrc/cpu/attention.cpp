@@ -87,9 +87,6 @@ inline i64 q_block_fwd(i64 Nq) { return Nq >= 768 ? 256 : Nq >= 192 ? 64 : 32; }
 constexpr i64 kKvBlockFwd = 512;
 inline i64 q_block_bwd(i64 Nq) { return Nq >= 192 ? 128 : 32; }
 constexpr i64 kKvBlockBwd = 128;
-// Largest transposed key operand (floats, per thread) the forward keeps for the register-tiled GEMM;
-// longer keys take the BLAS path.
-constexpr i64 kKeyCacheFloats = i64(8) << 20;
 // Largest per-task dq accumulator (bytes) of the fused backward schedule.
 constexpr i64 kFusedDqBytes = i64(64) << 20;
 
@@ -142,7 +139,7 @@ SCM_ATTN_INLINE void mm(bool ta, bool tb, i64 M, i64 N, i64 K, T alpha, const T*
 // strides lda, ldb. Tiles of 6 rows x 64 columns live in 24 zmm accumulators; every k step loads
 // one 64-wide row of B and broadcasts 6 elements of A. Nothing is packed: the forward's operands
 // already have this layout (the logits and probabilities S / P row-major, v row-major, k
-// transposed once per head into a per-thread buffer), where the BLAS would repack a block of
+// transposed once per call, or per key block in the backward), where the BLAS would repack a block of
 // P (r x 512 floats) and the key tiles for every product. Each output element is one fp32 sum over
 // k = 0 .. K-1 in order, then scaled, then added to C: deterministic, independent of threads.
 // Measured on the 2-core Zen 4 VM, one thread: P v (252 x 512 x 64) 108-111 GFLOP/s, q k^T
@@ -574,6 +571,20 @@ inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
 // carry equal work.
 inline i64 zigzag(i64 t, i64 n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
 
+// k (or k') of every kv head transposed, (B * Hkv) x D x key_ld(Nk) in T, for the register-tiled
+// logit products of the forward kernels: one pass over the keys before the tasks, shared by all
+// threads (memory: one fp32 copy of the operand, whatever the thread count).
+template <class T, class S>
+at::Tensor transpose_all_keys(const View4<S>& x, const Dims& d) {
+  const i64 ld = key_ld(d.Nk);
+  at::Tensor t = at::empty({d.B * d.Hkv, d.D, ld}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = t.mutable_data_ptr<T>();
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](i64 begin, i64 end) {
+    for (i64 i = begin; i < end; ++i) transpose_keys(x, i / d.Hkv, i % d.Hkv, d.Nk, d.D, p + i * d.D * ld, ld);
+  });
+  return t;
+}
+
 // Last key (exclusive) that rows [i0, i0 + r) can see.
 inline i64 key_end(const Dims& d, bool causal, i64 i0, i64 r) { return causal ? std::min(d.Nk, i0 + r) : d.Nk; }
 
@@ -622,9 +633,11 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
   const bool has_tq = a.jvp && a.has_tq, has_tk = a.jvp && a.has_tk, has_tv = a.jvp && a.has_tv;
   const i64 stack = has_sd ? 2 : 1;  // [S; S'] and [acc_O; acc_B] are stacked row blocks
   const T ninf = -std::numeric_limits<T>::infinity(), pinf = std::numeric_limits<T>::infinity();
-  // fp32 tiles on AVX-512: the register-tiled GEMM on k^T (and k'^T) transposed once per kv head
+  // fp32 tiles on AVX-512: the register-tiled GEMM, on k^T (and k'^T) transposed once per call
   const i64 ldk = key_ld(d.Nk);
-  const bool fast = std::is_same_v<T, float> && rt::available() && d.D * ldk <= kKeyCacheFloats;
+  const bool fast = std::is_same_v<T, float> && rt::available();
+  at::Tensor kT_all = fast ? transpose_all_keys<T>(a.k, d) : at::Tensor();
+  at::Tensor tkT_all = fast && has_tk ? transpose_all_keys<T>(a.tk, d) : at::Tensor();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
@@ -634,9 +647,6 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
     T* acc_a = has_tv ? ws.take(qB * d.Dv) : nullptr;
     T* kbuf = fast ? nullptr : ws.take(kvB * d.D);
     T* tkbuf = has_tk && !fast ? ws.take(kvB * d.D) : nullptr;
-    T* kc = fast ? ws.take(d.D * ldk) : nullptr;             // k^T of the current kv head
-    T* tkc = fast && has_tk ? ws.take(d.D * ldk) : nullptr;  // k'^T
-    i64 cached = -1;
     T* vbuf = ws.take(kvB * d.Dv);
     T* tvbuf = has_tv ? ws.take(kvB * d.Dv) : nullptr;
     T* m = ws.take(qB);
@@ -661,11 +671,8 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
       std::fill(acc, acc + stack * r * d.Dv, T(0));
       if (has_tv) std::fill(acc_a, acc_a + r * d.Dv, T(0));
 
-      if (fast && cached != b * d.Hkv + kh) {
-        transpose_keys(a.k, b, kh, d.Nk, d.D, kc, ldk);
-        if (has_tk) transpose_keys(a.tk, b, kh, d.Nk, d.D, tkc, ldk);
-        cached = b * d.Hkv + kh;
-      }
+      const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
+      const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
@@ -773,7 +780,9 @@ void tangent_kernel(const TanArgs<S, T>& a) {
   const i64 qB = q_block_fwd(d.Nq), kvB = kKvBlockFwd, nqb = ceil_div(d.Nq, qB);
   const bool has_tq = a.has_tq, has_tk = a.has_tk, has_tv = a.has_tv, has_sd = has_tq || has_tk;
   const i64 ldk = key_ld(d.Nk);
-  const bool fast = std::is_same_v<T, float> && rt::available() && d.D * ldk <= kKeyCacheFloats;
+  const bool fast = std::is_same_v<T, float> && rt::available();
+  at::Tensor kT_all = fast ? transpose_all_keys<T>(a.k, d) : at::Tensor();
+  at::Tensor tkT_all = fast && has_tk ? transpose_all_keys<T>(a.tk, d) : at::Tensor();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
@@ -782,9 +791,6 @@ void tangent_kernel(const TanArgs<S, T>& a) {
     T* acc = ws.take(qB * d.Dv);        // acc_T
     T* kbuf = fast ? nullptr : ws.take(kvB * d.D);
     T* tkbuf = has_tk && !fast ? ws.take(kvB * d.D) : nullptr;
-    T* kc = fast ? ws.take(d.D * ldk) : nullptr;             // k^T of the current kv head
-    T* tkc = fast && has_tk ? ws.take(d.D * ldk) : nullptr;  // k'^T
-    i64 cached = -1;
     T* vbuf = has_sd ? ws.take(kvB * d.Dv) : nullptr;
     T* tvbuf = has_tv ? ws.take(kvB * d.Dv) : nullptr;
     T* cref = ws.take(qB);
@@ -804,11 +810,8 @@ void tangent_kernel(const TanArgs<S, T>& a) {
       std::fill(l, l + r, T(0));
       std::fill(rho, rho + r, T(0));
       std::fill(acc, acc + r * d.Dv, T(0));
-      if (fast && cached != b * d.Hkv + kh) {
-        transpose_keys(a.k, b, kh, d.Nk, d.D, kc, ldk);
-        if (has_tk) transpose_keys(a.tk, b, kh, d.Nk, d.D, tkc, ldk);
-        cached = b * d.Hkv + kh;
-      }
+      const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
+      const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
