@@ -617,6 +617,38 @@ struct Inputs {
   }
 };
 
+// The key side of the logit products of one forward task: on the register-tiled path k^T and
+// k'^T of the task's kv head (the call's transposed copies, row stride ld), else buffers for the
+// key tiles of the BLAS path.
+template <class T>
+struct KeySide {
+  const T* kT = nullptr;
+  const T* tkT = nullptr;
+  i64 ld = 0;
+  T* kbuf = nullptr;
+  T* tkbuf = nullptr;
+};
+
+// Logits of key block j0 (c keys) for the task's rows: [S; q' k^T] = lambda [q; q'] k^T (r rows, or 2r
+// with q'), then S' += lambda q k'^T; qt is [q; q'] (row stride D), s and sd = s + r ld_s the
+// outputs (row stride ld_s).
+template <class S, class T>
+void logit_block(const Inputs<S, T>& a, const KeySide<T>& ks, bool has_tq, bool has_tk, i64 b, i64 kh, i64 j0,
+                 i64 r, i64 c, const T* qt, T* s, T* sd, i64 ld_s) {
+  const i64 D = a.d.D, rows = has_tq ? 2 * r : r;
+  if (ks.kT != nullptr) {
+    mm_rr<T>(true, false, rows, c, D, a.scale, qt, D, ks.kT + j0, ks.ld, false, s, ld_s);
+    if (has_tk) mm_rr<T>(true, false, r, c, D, a.scale, qt, D, ks.tkT + j0, ks.ld, has_tq, sd, ld_s);
+    return;
+  }
+  const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, D, ks.kbuf);
+  mm<T>(false, true, rows, c, D, a.scale, qt, D, kt.p, kt.ld, T(0), s, ld_s);
+  if (has_tk) {
+    const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, D, ks.tkbuf);
+    mm<T>(false, true, r, c, D, a.scale, qt, D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, ld_s);
+  }
+}
+
 template <class S, class T>
 struct FwdArgs : Inputs<S, T> {
   bool jvp = false;           // write out_tangent and mu
@@ -679,17 +711,8 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
         const i64 c = std::min(kvB, jend - j0);
         const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        if (fast) {
-          mm_rr<T>(true, false, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
-          if (has_tk) mm_rr<T>(true, false, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
-        } else {
-          const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
-          mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
-          if (has_tk) {
-            const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
-            mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
-          }
-        }
+        KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
+        logit_block(a, ks, has_tq, has_tk, b, kh, j0, r, c, qt, s, sd, kvB);
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // online softmax (A25): one exp per logit
         for (i64 rr = 0; rr < r; ++rr) {
@@ -817,17 +840,8 @@ void tangent_kernel(const TanArgs<S, T>& a) {
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
         const i64 c = std::min(kvB, jend - j0);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        if (fast) {
-          mm_rr<T>(true, false, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kc + j0, ldk, false, s, kvB);
-          if (has_tk) mm_rr<T>(true, false, r, c, d.D, a.scale, qt, d.D, tkc + j0, ldk, has_tq, sd, kvB);
-        } else {
-          const Mat<T> kt = kv_tile(a.k, b, kh, j0, c, d.D, kbuf);
-          mm<T>(false, true, has_tq ? 2 * r : r, c, d.D, a.scale, qt, d.D, kt.p, kt.ld, T(0), s, kvB);
-          if (has_tk) {
-            const Mat<T> tkt = kv_tile(a.tk, b, kh, j0, c, d.D, tkbuf);
-            mm<T>(false, true, r, c, d.D, a.scale, qt, d.D, tkt.p, tkt.ld, has_tq ? T(1) : T(0), sd, kvB);
-          }
-        }
+        KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
+        logit_block(a, ks, has_tq, has_tk, b, kh, j0, r, c, qt, s, sd, kvB);
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // P = e^{s - lse} (0 on a hidden row: lse = +inf); P (S' - c) and the row sums
         for (i64 rr = 0; rr < r; ++rr) {
