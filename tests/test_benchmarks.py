@@ -606,7 +606,12 @@ def test_train_step_bench_providers_run_and_agree(monkeypatch, one_thread):
 
 def test_sampling_bench_fused_and_reference_give_the_same_images(monkeypatch, one_thread):
     """bench_sampling: every sampler runs on both providers through the harness, and the fused and the
-    reference-ops samplers produce the same images from the same noise."""
+    reference-ops samplers produce the same images from the same noise: against the reference
+    sampler in float64, the fused one's error is within the tolerance rule of the reference's own
+    fp32 error (the heun case's random network grows to |x| ~ 170, where fp32 rounding alone differs
+    by ~1e-4 between two summation orders)."""
+    from tests.conftest import assert_rule
+
     from benchmarks import bench_sampling as bs
 
     monkeypatch.setenv("SCM_BENCH_BATCH", "2")
@@ -615,8 +620,9 @@ def test_sampling_bench_fused_and_reference_give_the_same_images(monkeypatch, on
     cases = bs.cases(torch.device("cpu"), quick=True)
     assert [c.variant for c in cases] == ["1-step", "2-step", "dpm2-2", "heun-2"]
     bs._network.cache_clear()
+    nets = {}
     for backend in (None, "reference"):  # the same non-zero weights (the output layer starts at zero)
-        net = bs._network(bs.net_name(), backend, "cpu")
+        net = nets[backend] = bs._network(bs.net_name(), backend, "cpu")
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in net.parameters():
@@ -626,7 +632,12 @@ def test_sampling_bench_fused_and_reference_give_the_same_images(monkeypatch, on
         inputs = case.make_inputs(torch.device("cpu"))
         a, b = case.scm(**inputs), case.reference(**inputs)
         assert a.shape == inputs["noise"].shape and torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        nets["reference"].double()  # the float32 weights, exactly
+        try:
+            want = case.reference(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+        finally:
+            nets["reference"].float()
+        assert_rule(a, want, b, torch.float32, what=case.variant)
         rows = harness.run_case(case, _opts(providers=("scm", "eager"), repeats=1, min_repeat_ms=0.0))
         assert [r["status"] for r in rows] == ["ok", "ok"], rows
     bs._network.cache_clear()
