@@ -461,23 +461,30 @@ Mat<T> kv_tile(const View4<S>& x, i64 b, i64 h, i64 j0, i64 n, i64 cols, T* buf)
   return {buf, cols};
 }
 
+// The transpose of the rows x cols matrix src (row stride lds, inner stride 1) into dst (cols x rows,
+// row stride ld), converted to T. Blocks of 64 rows keep their rows in L1 while each of the cols
+// output rows is written.
+template <class T, class S>
+void transpose_rows(const S* src, i64 lds, i64 rows, i64 cols, T* dst, i64 ld) {
+  for (i64 j0 = 0; j0 < rows; j0 += 64) {
+    const i64 n = std::min<i64>(64, rows - j0);
+    for (i64 e = 0; e < cols; ++e) {
+      T* o = dst + e * ld + j0;
+      for (i64 j = 0; j < n; ++j) o[j] = static_cast<T>(src[(j0 + j) * lds + e]);
+    }
+  }
+}
+
 // Row stride of a transposed key operand: Nk rounded up to 16 floats, plus 16, so that the D rows
 // of a 64-key panel (read together by every k step of rt::gemm) never sit a power of two apart and
 // share L1 sets (a 4096-key row stride cost 13% in a standalone q k^T product).
 inline i64 key_ld(i64 Nk) { return (Nk + 15) / 16 * 16 + 16; }
 
 // All Nk rows of a key-side operand of kv head (b, kh), transposed into dst (D x ld, row-major): the
-// B operand of the logit products of the register-tiled GEMM (rt::gemm). Blocks of 64 keys keep
-// their rows in L1 while each of the D output rows is written.
+// B operand of the logit products of the register-tiled GEMM (rt::gemm).
 template <class T, class S>
 void transpose_keys(const View4<S>& x, i64 b, i64 kh, i64 Nk, i64 D, T* dst, i64 ld) {
-  for (i64 j0 = 0; j0 < Nk; j0 += 64) {
-    const i64 n = std::min<i64>(64, Nk - j0);
-    for (i64 e = 0; e < D; ++e) {
-      T* o = dst + e * ld + j0;
-      for (i64 j = 0; j < n; ++j) o[j] = static_cast<T>(x.row(b, kh, j0 + j)[e]);
-    }
-  }
+  transpose_rows(x.row(b, kh, 0), x.s2, Nk, D, dst, ld);
 }
 
 // 64-byte aligned scratch of one task chunk (the same alignment on every call, so the BLAS takes
@@ -705,13 +712,13 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
 
       const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
       const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
+      const KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
         const i64 c = std::min(kvB, jend - j0);
         const Mat<T> vt = kv_tile(a.v, b, kh, j0, c, d.Dv, vbuf);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
         logit_block(a, ks, has_tq, has_tk, b, kh, j0, r, c, qt, s, sd, kvB);
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // online softmax (A25): one exp per logit
@@ -835,12 +842,12 @@ void tangent_kernel(const TanArgs<S, T>& a) {
       std::fill(acc, acc + r * d.Dv, T(0));
       const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
       const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
+      const KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
         const i64 c = std::min(kvB, jend - j0);
         // [S; q' k^T] = lambda [q; q'] k^T, then S' += lambda q k'^T
-        KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
         logit_block(a, ks, has_tq, has_tk, b, kh, j0, r, c, qt, s, sd, kvB);
         apply_mask(s, kvB, r, c, a.mask, b, h, i0, j0, a.causal && j0 + c - 1 > i0);
         // P = e^{s - lse} (0 on a hidden row: lse = +inf); P (S' - c) and the row sums
@@ -926,16 +933,6 @@ struct KTiles {
   Mat<T> kT, tkT, vT, tvT;
 };
 
-// The transpose of the rows x cols tile m into dst (cols x rows, row stride ld).
-template <class T>
-void transpose_tile(const Mat<T>& m, i64 rows, i64 cols, T* dst, i64 ld) {
-  for (i64 j0 = 0; j0 < rows; j0 += 64) {
-    const i64 n = std::min<i64>(64, rows - j0);
-    for (i64 e = 0; e < cols; ++e)
-      for (i64 j = 0; j < n; ++j) dst[e * ld + j0 + j] = m.p[(j0 + j) * m.ld + e];
-  }
-}
-
 // Per-task scratch of the backward.
 template <class S, class T>
 struct BwdWork {
@@ -987,7 +984,7 @@ struct BwdWork {
     if (tvbuf) kt.tv = kv_tile(a.tv, b, kh, j0, c, d.Dv, tvbuf);
     if (fast) {
       auto tr = [&](const Mat<T>& m, i64 cols, T* buf) {
-        transpose_tile(m, c, cols, buf, ldt);
+        transpose_rows(m.p, m.ld, c, cols, buf, ldt);
         return Mat<T>{buf, ldt};
       };
       kt.kT = tr(kt.k, d.D, kTbuf);

@@ -325,17 +325,14 @@ class AttentionJvpFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_out_tangent, _grad_lse, _grad_mu):
         is_causal, scale, name, precision = ctx.consts
+        if grad_out is None and grad_out_tangent is None:
+            return (None,) * 11
         if backward_is_differentiated(ctx, grad_out, grad_out_tangent):
             q, k, v, tq, tk, tv, *_, mask = ctx.saved_tensors
-            if grad_out is None and grad_out_tangent is None:
-                return (None,) * 11
             grads = reference_jvp_backward(grad_out, grad_out_tangent, q, k, v, tq, tk, tv, mask, is_causal,
                                            scale)
             return (*grads, None, None, None, None, None)
-        saved = _detached(ctx.saved_tensors)
-        q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = saved
-        if grad_out is None and grad_out_tangent is None:
-            return (None,) * 11
+        q, k, v, tq, tk, tv, out, out_tangent, lse, mu, mask = _detached(ctx.saved_tensors)
         grad_out, grad_out_tangent = _detached((grad_out, grad_out_tangent))
         grads = _jvp_bwd(name, inner(grad_out), inner(grad_out_tangent), q, k, v, tq, tk, tv, out, out_tangent,
                          lse, mu, mask, is_causal, scale, precision=precision)
