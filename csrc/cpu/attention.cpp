@@ -636,6 +636,27 @@ struct KeySide {
   T* tkbuf = nullptr;
 };
 
+// The call's transposed key operands of the forward kernels (transpose_all_keys of k, and of k'
+// when it is given) on the register-tiled path; nothing on the BLAS path.
+template <class T>
+struct KeysT {
+  at::Tensor k, tk;
+  i64 ld = 0;
+
+  template <class S>
+  KeysT(const Inputs<S, T>& a, bool fast, bool has_tk) : ld(key_ld(a.d.Nk)) {
+    if (!fast) return;
+    k = transpose_all_keys<T>(a.k, a.d);
+    if (has_tk) tk = transpose_all_keys<T>(a.tk, a.d);
+  }
+  // The key side of a task on kv head (b, kh), given its BLAS-path tile buffers.
+  KeySide<T> side(const Dims& d, i64 b, i64 kh, T* kbuf, T* tkbuf) const {
+    const i64 off = (b * d.Hkv + kh) * d.D * ld;
+    return {k.defined() ? k.const_data_ptr<T>() + off : nullptr,
+            tk.defined() ? tk.const_data_ptr<T>() + off : nullptr, ld, kbuf, tkbuf};
+  }
+};
+
 // Logits of key block j0 (c keys) for the task's rows: [S; q' k^T] = lambda [q; q'] k^T (r rows, or 2r
 // with q'), then S' += lambda q k'^T; qt is [q; q'] (row stride D), s and sd = s + r ld_s the
 // outputs (row stride ld_s).
@@ -673,10 +694,8 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
   const i64 stack = has_sd ? 2 : 1;  // [S; S'] and [acc_O; acc_B] are stacked row blocks
   const T ninf = -std::numeric_limits<T>::infinity(), pinf = std::numeric_limits<T>::infinity();
   // fp32 tiles on AVX-512: the register-tiled GEMM, on k^T (and k'^T) transposed once per call
-  const i64 ldk = key_ld(d.Nk);
   const bool fast = std::is_same_v<T, float> && rt::available();
-  at::Tensor kT_all = fast ? transpose_all_keys<T>(a.k, d) : at::Tensor();
-  at::Tensor tkT_all = fast && has_tk ? transpose_all_keys<T>(a.tk, d) : at::Tensor();
+  const KeysT<T> keys(a, fast, has_tk);
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
@@ -710,9 +729,7 @@ void fwd_kernel(const FwdArgs<S, T>& a) {
       std::fill(acc, acc + stack * r * d.Dv, T(0));
       if (has_tv) std::fill(acc_a, acc_a + r * d.Dv, T(0));
 
-      const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
-      const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
-      const KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
+      const KeySide<T> ks = keys.side(d, b, kh, kbuf, tkbuf);
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
@@ -809,10 +826,8 @@ void tangent_kernel(const TanArgs<S, T>& a) {
   const Dims& d = a.d;
   const i64 qB = q_block_fwd(d.Nq), kvB = kKvBlockFwd, nqb = ceil_div(d.Nq, qB);
   const bool has_tq = a.has_tq, has_tk = a.has_tk, has_tv = a.has_tv, has_sd = has_tq || has_tk;
-  const i64 ldk = key_ld(d.Nk);
   const bool fast = std::is_same_v<T, float> && rt::available();
-  at::Tensor kT_all = fast ? transpose_all_keys<T>(a.k, d) : at::Tensor();
-  at::Tensor tkT_all = fast && has_tk ? transpose_all_keys<T>(a.tk, d) : at::Tensor();
+  const KeysT<T> keys(a, fast, has_tk);
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](i64 begin, i64 end) {
     Scratch<T> ws;
@@ -840,9 +855,7 @@ void tangent_kernel(const TanArgs<S, T>& a) {
       std::fill(l, l + r, T(0));
       std::fill(rho, rho + r, T(0));
       std::fill(acc, acc + r * d.Dv, T(0));
-      const T* kc = fast ? kT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;  // k^T
-      const T* tkc = fast && has_tk ? tkT_all.const_data_ptr<T>() + (b * d.Hkv + kh) * d.D * ldk : nullptr;
-      const KeySide<T> ks{kc, tkc, ldk, kbuf, tkbuf};
+      const KeySide<T> ks = keys.side(d, b, kh, kbuf, tkbuf);
 
       const i64 jend = key_end(d, a.causal, i0, r);
       for (i64 j0 = 0; j0 < jend; j0 += kvB) {
