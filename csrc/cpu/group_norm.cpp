@@ -29,7 +29,9 @@
 // per position (5x slower forward at Cg = 8).
 // Inner loops run on fp32 blocks (fp32 operands in place, others converted by common.h), have no
 // calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 (with
-// FMA) and AVX2 clones.
+// FMA) and AVX2 clones. Exception: on AVX-512, the forward's statistics and SiLU output of a
+// contiguous bf16/fp16 block read and write the half-precision data in place, converting in
+// registers (block_moments_avx512, silu_fwd_avx512<.., T>), with the same bits as the buffered path.
 //
 // Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
 // of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
@@ -83,91 +85,121 @@ inline __attribute__((always_inline)) float fold(float* acc) { return fold_pairw
 #define SCM_COEF(arr, scalar) (kVec ? arr[i] : scalar)
 
 // The SiLU in explicit AVX-512 (the forward is the op whose time the SiLU dominates), built on
-// exp2_tab16(t, tab) = s 2^t for a table tab[j] = s 2^(j/32) (s = 1, or s = -log2(e) for the forward):
-// t = k + f where k is t rounded to a multiple of 1/32 (by adding and removing 1.5 * 2^18, whose ulp
-// is 1/32) and |f| <= 1/64; s 2^t = 2^floor(k) * tab[j] * 2^f, j = 32 (k - floor(k)) the low 5 bits
-// of the rounded sum (vpermt2ps), 2^f = 1 + f (P1 + P2 f) (relative-error fit, max relative error
-// 5.3e-8 on |f| <= 1/64), 2^floor(k) applied by vscalefps, which saturates to +inf for large k
-// instead of needing selects. Callers clamp t below at -100 (2^t >= 2^-100: normal, no denormal
-// assists; a = +inf gives +inf); NaN propagates.
-//   backward: e^-a = exp2_tab16(max(-a log2(e), -100), kExp2Frac), sig = 1 / (1 + e^-a);
+// exp2_tab_add16(t, tab, add) = s 2^t + add for a table tab[j] = s c0 2^(j/32) (s = 1, or
+// s = -log2(e) for the forward):
+//   t = k + f, k = t rounded down to a multiple of 1/32, f = t - k in [0, 1/32) (vreduceps, one op);
+//   j = 32 (k - floor(k)) = the low 5 bits of t + 1.5 * 2^18 rounded down (ulp 1/32 there; embedded
+//   rounding, one add) picks tab[j] (vpermt2ps); 2^f = c0 (1 + f (P1 + P2 f)) (relative-error fit on
+//   [0, 1/32), c0 = 1 + 5.29e-8 folded into the table; table rounding included, max relative error
+//   1.06e-7, the same as the previous form's 1.09e-7); vscalefps multiplies tab[j] by 2^floor(t)
+//   directly (no rounded k needed) and saturates to +-inf or 0 for large |t| without selects; the
+//   added constant rides in the last FMA: s 2^t + add = fma(scalef(tab[j], t), 1 + f q, add).
+//   No clamp on t: t = -inf gives scalef 0 (a = +inf -> +inf), |t| >= 2^17 gives inf or 0, NaN
+//   propagates. For t in [-150, -126] (a in [87, 104]) scalef returns a denormal, which costs
+//   nothing on the project's Zen 4 (measured) and is then added to a constant of magnitude >= 1.
+//   backward: 1 + e^-a = exp2_tab_add16(-a log2(e), kExp2Frac, 1), sig = 1 / that;
 //   forward:  the block takes t = -a log2(e) directly from its affine step, t = (x - mu) (A c) + B c with
-//             c = -log2(e), and y = a / (1 + e^-a) = t / (c + c 2^t) = t / (c + exp2_tab16(t, c 2^(j/32))):
-//             the table carries c, so t needs no product a c and c + c 2^t is one add.
-// Throughput on the project's Zen 4 (measured, 512-bit ops, independent chains): one FMA/mul/rcp14
-// per cycle and, beside it, one add/sub/max per cycle; vscalefps takes the add side for 2 cycles;
-// vdivps one per 6 cycles on its own unit. The loop is bound by the add side (~8 cycles per 16
-// elements) with the division just under it. This form takes 13 vector ops per 16 elements where
-// the previous one (y = a / (1 + 2^t) with t = a c and a degree-3 polynomial) took 15: the SiLU
-// pass alone 1.58 -> 1.28 ns per 16 elements (2 threads, fp32 8x256x32x32, standalone loop), the
-// whole forward 0.78 -> 0.68 ms on one thread (best of alternated runs). Moving subtractions to the
-// FMA side as fma(x, 1, -y) measured slower. A reciprocal estimate with a Newton step instead of the
-// division was slower too (four more ops on the FMA side). Max relative error of y against fp64
-// over a in [-10, 10]: 5.8e-7 (6.0e-7 before), in [-90, 90] 3.6e-6 (both dominated by the rounding
-// of t).
+//             c = -log2(e), and y = a / (1 + e^-a) = t / (c + c 2^t) = t / exp2_tab_add16(t, c c0 2^(j/32), c).
+// Throughput on the project's Zen 4 (measured, 512-bit ops, 12 independent chains, cycles per op):
+// add/sub/max/fma/mul/vpermt2ps/vrndscaleps 1, vscalefps and vreduceps 2 (add side), vdivps 6 (own
+// unit); mixes do not reach one FMA-side plus one add-side op per cycle (an add|fma mix runs at 1.24
+// cycles per pair, add|fma|vpermt2ps at 1.95 per triple), so the loop is bound by its total op count
+// more than by any one unit (removing the division alone did not speed it up). This form takes 10
+// ops (12 issue slots) per 16 elements in the forward SiLU pass where the previous one (t rounded to
+// nearest by adding and removing 1.5 * 2^18, a clamp at t >= -100, f = t - k, the constant added
+// after vscalefps) took 13 (14): SiLU pass 9.8-11.4 -> 9.5-9.8 cycles per 16 elements in an
+// L1-resident standalone loop (min of alternated runs; the VM is noisy).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define SCM_GN_AVX512 1
-// 2^(j/32), j = 0..31, correctly rounded to fp32.
+// vreduceps needs AVX512DQ, the 16-bit masked loads and stores AVX512BW and VL, beside AVX512F (every
+// AVX-512 CPU since Skylake-SP has all four).
+#define SCM_AVX512_FN __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+// c0 2^(j/32), j = 0..31, c0 = 1 + 5.29e-8 (see above), correctly rounded to fp32.
 alignas(64) constexpr float kExp2Frac[32] = {
-    0x1.000000p+0f, 0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,
-    0x1.2387a6p+0f, 0x1.29e9e0p+0f, 0x1.306fe0p+0f, 0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f,
-    0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f, 0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f,
-    0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f,
-    0x1.ae89fap+0f, 0x1.b7f770p+0f, 0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,
-    0x1.ea4afap+0f, 0x1.f50766p+0f};
-// c = -log2(e) in fp32, and c 2^(j/32), j = 0..31, the fp64 products correctly rounded to fp32.
+    0x1.000000p+0f, 0x1.059b0ep+0f, 0x1.0b5588p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,
+    0x1.2387a8p+0f, 0x1.29e9e0p+0f, 0x1.306fe2p+0f, 0x1.371a74p+0f, 0x1.3dea66p+0f, 0x1.44e088p+0f,
+    0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab080p+0f, 0x1.6247ecp+0f, 0x1.6a09e8p+0f, 0x1.71f760p+0f,
+    0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace56p+0f, 0x1.93737cp+0f, 0x1.9c491ap+0f, 0x1.a5503cp+0f,
+    0x1.ae89fcp+0f, 0x1.b7f770p+0f, 0x1.c199c0p+0f, 0x1.cb7210p+0f, 0x1.d58190p+0f, 0x1.dfc974p+0f,
+    0x1.ea4afcp+0f, 0x1.f50768p+0f};
+// c = -log2(e) in fp32, and c c0 2^(j/32), j = 0..31, correctly rounded to fp32.
 constexpr float kNegLog2e = -0x1.715476p+0f;
 alignas(64) constexpr float kNegLog2eExp2Frac[32] = {
-    -0x1.715476p+0f, -0x1.796acep+0f, -0x1.81ae7ap+0f, -0x1.8a207cp+0f, -0x1.92c1d4p+0f, -0x1.9b938ep+0f,
-    -0x1.a496b6p+0f, -0x1.adcc66p+0f, -0x1.b735b4p+0f, -0x1.c0d3c4p+0f, -0x1.caa7c0p+0f, -0x1.d4b2d2p+0f,
-    -0x1.def630p+0f, -0x1.e97316p+0f, -0x1.f42ac8p+0f, -0x1.ff1e8ep+0f, -0x1.0527dcp+1f, -0x1.0adfd0p+1f,
-    -0x1.10b7d2p+1f, -0x1.16b096p+1f, -0x1.1ccad4p+1f, -0x1.230748p+1f, -0x1.2966b2p+1f, -0x1.2fe9d4p+1f,
-    -0x1.369176p+1f, -0x1.3d5e68p+1f, -0x1.445178p+1f, -0x1.4b6b7ep+1f, -0x1.52ad52p+1f, -0x1.5a17d6p+1f,
-    -0x1.61abeap+1f, -0x1.696a7cp+1f};
-// 2^f = 1 + f (kExp2P1 + kExp2P2 f) on |f| <= 1/64 (relative-error fit).
-constexpr float kExp2P1 = 0x1.62e584p-1f, kExp2P2 = 0x1.ebfc2ap-3f;
+    -0x1.715478p+0f, -0x1.796acep+0f, -0x1.81ae7cp+0f, -0x1.8a207cp+0f, -0x1.92c1d6p+0f, -0x1.9b938ep+0f,
+    -0x1.a496b8p+0f, -0x1.adcc66p+0f, -0x1.b735b6p+0f, -0x1.c0d3c6p+0f, -0x1.caa7c0p+0f, -0x1.d4b2d2p+0f,
+    -0x1.def630p+0f, -0x1.e97318p+0f, -0x1.f42ac8p+0f, -0x1.ff1e8ep+0f, -0x1.0527dcp+1f, -0x1.0adfd0p+1f,
+    -0x1.10b7d2p+1f, -0x1.16b098p+1f, -0x1.1ccad6p+1f, -0x1.23074ap+1f, -0x1.2966b2p+1f, -0x1.2fe9d4p+1f,
+    -0x1.369178p+1f, -0x1.3d5e68p+1f, -0x1.44517ap+1f, -0x1.4b6b7ep+1f, -0x1.52ad54p+1f, -0x1.5a17d6p+1f,
+    -0x1.61abecp+1f, -0x1.696a7cp+1f};
+// 2^f = c0 (1 + f (kExp2P1 + kExp2P2 f)) on [0, 1/32) (relative-error fit).
+constexpr float kExp2P1 = 0x1.62e02cp-1f, kExp2P2 = 0x1.f1566ap-3f;
 // GCC 12's avx512fintrin.h leaves the pass-through operand of vscalefps undefined on purpose and
 // then warns about it (-Wmaybe-uninitialized): not ours to fix.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) inline __m512 exp2_tab16(__m512 t, const float* tab) {
-  const __m512 magic = _mm512_set1_ps(393216.f);  // 1.5 * 2^18
-  const __m512 u = _mm512_add_ps(t, magic);
-  const __m512 k = _mm512_sub_ps(u, magic);
-  const __m512 f = _mm512_sub_ps(t, k);
+SCM_AVX512_FN inline __m512 exp2_tab_add16(__m512 t, const float* tab, __m512 add) {
+  const __m512 u = _mm512_add_round_ps(t, _mm512_set1_ps(393216.f), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_reduce_ps(t, (5 << 4) | _MM_FROUND_NO_EXC | _MM_FROUND_TO_NEG_INF);
   const __m512 T = _mm512_permutex2var_ps(_mm512_load_ps(tab), _mm512_castps_si512(u), _mm512_load_ps(tab + 16));
   const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kExp2P2), f, _mm512_set1_ps(kExp2P1));
-  return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(T, f), q, T), k);
-}
-__attribute__((target("avx512f"))) inline __m512 clamp_exponent16(__m512 t) {
-  return _mm512_max_ps(t, _mm512_set1_ps(-100.f));
+  return _mm512_fmadd_ps(_mm512_scalef_ps(T, t), _mm512_fmadd_ps(f, q, _mm512_set1_ps(1.f)), add);
 }
 // 1 + e^-a (the backward's sigmoid is 1 / this).
-__attribute__((target("avx512f"))) inline __m512 one_plus_exp_neg16(__m512 a) {
-  const __m512 t = clamp_exponent16(_mm512_mul_ps(a, _mm512_set1_ps(kNegLog2e)));
-  return _mm512_add_ps(_mm512_set1_ps(1.f), exp2_tab16(t, kExp2Frac));
+SCM_AVX512_FN inline __m512 one_plus_exp_neg16(__m512 a) {
+  return exp2_tab_add16(_mm512_mul_ps(a, _mm512_set1_ps(kNegLog2e)), kExp2Frac, _mm512_set1_ps(1.f));
 }
 // silu(a) from t = -a log2(e): t / (c + c 2^t).
-__attribute__((target("avx512f"))) inline __m512 silu_of_t16(__m512 t) {
-  const __m512 d = exp2_tab16(clamp_exponent16(t), kNegLog2eExp2Frac);
-  return _mm512_div_ps(t, _mm512_add_ps(d, _mm512_set1_ps(kNegLog2e)));
+SCM_AVX512_FN inline __m512 silu_of_t16(__m512 t) {
+  return _mm512_div_ps(t, exp2_tab_add16(t, kNegLog2eExp2Frac, _mm512_set1_ps(kNegLog2e)));
 }
 
 // t = -a log2(e), a = (x - m) A + B: arrays A, B unscaled (kVec), scalars already scaled by c.
 template <bool kVec>
-__attribute__((target("avx512f"))) inline __m512 t_of16(__m512 x, __m512 m, __m512 A, __m512 B, __m512 c) {
+SCM_AVX512_FN inline __m512 t_of16(__m512 x, __m512 m, __m512 A, __m512 B, __m512 c) {
   const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B);
   return kVec ? _mm512_mul_ps(v, c) : v;
 }
 
+// 16 elements of x as fp32, and fp32 results stored in out's dtype: fp32, bf16 (as its bits; widening
+// is a shift, narrowing rounds to nearest even with NaN -> 0x7FC0, bit for bit as c10::BFloat16 and
+// common.h's f32_to_bf16) or fp16 (vcvtph2ps / vcvtps2ph, round to nearest even, as c10::Half). The
+// masked forms read and write only the lanes of m.
+SCM_AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SCM_AVX512_FN inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+SCM_AVX512_FN inline __m512 widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+SCM_AVX512_FN inline __m512 load16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+SCM_AVX512_FN inline __m512 load16(const uint16_t* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+SCM_AVX512_FN inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+SCM_AVX512_FN inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+SCM_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+SCM_AVX512_FN inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+SCM_AVX512_FN inline __m256i narrow_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+SCM_AVX512_FN inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v)); }
+SCM_AVX512_FN inline void store16(uint16_t* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, narrow_bf16(v)); }
+SCM_AVX512_FN inline __m256i narrow_f16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SCM_AVX512_FN inline void store16(c10::Half* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_f16(v)); }
+SCM_AVX512_FN inline void store16(c10::Half* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, narrow_f16(v)); }
+
 // out[i] = silu((x[i] - mu) A + B) with per-element coefficient arrays (kVec: Av[i], Bv[i], mu
 // scalar or muv[i]) or scalars; the tail through masked loads and stores. t = -a log2(e) comes from
-// the affine step with A c and B c (scalars: scaled once; arrays: t = a c per element).
-template <bool kVec, bool kVecMu>
-__attribute__((target("avx512f"))) void silu_fwd_avx512(const float* __restrict x, int64_t n, float mu,
-                                                       const float* __restrict muv, const float* __restrict Av,
-                                                       const float* __restrict Bv, float A0, float B0,
-                                                       float* __restrict out) {
+// the affine step with A c and B c (scalars: scaled once; arrays: t = a c per element). x and out
+// are fp32, bf16 (uint16_t bits) or fp16: a half-precision block is converted in registers, not
+// through fp32 buffers (bf16 8x256x32x32 forward: the two conversion passes around this one took as
+// much time as the SiLU itself).
+template <bool kVec, bool kVecMu, class T>
+SCM_AVX512_FN void silu_fwd_avx512(const T* __restrict x, int64_t n, float mu, const float* __restrict muv,
+                                   const float* __restrict Av, const float* __restrict Bv, float A0, float B0,
+                                   T* __restrict out) {
   const __m512 mu0 = _mm512_set1_ps(mu), c = _mm512_set1_ps(kNegLog2e);
   const __m512 a0 = _mm512_set1_ps(A0 * kNegLog2e), b0 = _mm512_set1_ps(B0 * kNegLog2e);
   int64_t i = 0;
@@ -175,23 +207,54 @@ __attribute__((target("avx512f"))) void silu_fwd_avx512(const float* __restrict 
     const __m512 m = kVecMu ? _mm512_loadu_ps(muv + i) : mu0;
     const __m512 A = kVec ? _mm512_loadu_ps(Av + i) : a0;
     const __m512 B = kVec ? _mm512_loadu_ps(Bv + i) : b0;
-    _mm512_storeu_ps(out + i, silu_of_t16(t_of16<kVec>(_mm512_loadu_ps(x + i), m, A, B, c)));
+    store16(out + i, silu_of_t16(t_of16<kVec>(load16(x + i), m, A, B, c)));
   }
   if (i < n) {
     const __mmask16 t = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 one = _mm512_set1_ps(1.f);
-    const __m512 m = kVecMu ? _mm512_mask_loadu_ps(mu0, t, muv + i) : mu0;
-    const __m512 A = kVec ? _mm512_mask_loadu_ps(one, t, Av + i) : a0;
-    const __m512 B = kVec ? _mm512_mask_loadu_ps(one, t, Bv + i) : b0;
-    _mm512_mask_storeu_ps(out + i, t, silu_of_t16(t_of16<kVec>(_mm512_mask_loadu_ps(mu0, t, x + i), m, A, B, c)));
+    const __m512 m = kVecMu ? _mm512_maskz_loadu_ps(t, muv + i) : mu0;
+    const __m512 A = kVec ? _mm512_maskz_loadu_ps(t, Av + i) : a0;
+    const __m512 B = kVec ? _mm512_maskz_loadu_ps(t, Bv + i) : b0;
+    store16(out + i, t, silu_of_t16(t_of16<kVec>(load16(x + i, t), m, A, B, c)));
   }
 }
 
+// One sweep of block_moments_avx512 over the block's 64 lanes: kSq false: acc += x - c; true:
+// acc += (x - c)^2 (an FMA, as the compiler contracts the portable loop's). Returns the fold.
+template <bool kSq, class T>
+SCM_AVX512_FN float moments_sweep16(const T* __restrict x, int64_t n, __m512 c) {
+  __m512 a[4];
+  for (int j = 0; j < 4; ++j) a[j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < 4; ++j) {
+      const __m512 d = _mm512_sub_ps(load16(x + i + 16 * j), c);
+      a[j] = kSq ? _mm512_fmadd_ps(d, d, a[j]) : _mm512_add_ps(a[j], d);
+    }
+  for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
+    const int64_t rem = n - i - 16 * j;
+    const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    const __m512 d = _mm512_sub_ps(load16(x + i + 16 * j, m), c);
+    a[j] = kSq ? _mm512_mask3_fmadd_ps(d, d, a[j], m) : _mm512_mask_add_ps(a[j], m, a[j], d);
+  }
+  alignas(64) float t[kLanes];
+  for (int j = 0; j < 4; ++j) _mm512_store_ps(t + 16 * j, a[j]);
+  return fold_pairwise<kLanes>(t);
+}
+// block_moments (below) for a bf16 (uint16_t bits) or fp16 block read in place, converted in
+// registers: the same 64 lanes, tail lanes and fold order. Spares the forward's statistics pass of
+// a half-precision input its conversion into an fp32 buffer.
+template <class T>
+SCM_AVX512_FN Moments block_moments_avx512(const T* __restrict x, int64_t n) {
+  const float pivot = _mm512_cvtss_f32(load16(x, 1));
+  const float mean = pivot + moments_sweep16<false>(x, n, _mm512_set1_ps(pivot)) / static_cast<float>(n);
+  return {static_cast<float>(n), mean, moments_sweep16<true>(x, n, _mm512_set1_ps(mean))};
+}
+
 // (A30) one 16-lane step of bwd_sums_silu_avx512 over elements [off, off + 16) (mask m).
-__attribute__((target("avx512f"))) inline void bwd_sums_step16(const float* __restrict x, const float* __restrict dy,
-                                                              int64_t off, __mmask16 m, __m512 vmu, __m512 vr,
-                                                              __m512 vA, __m512 vB, __m512& a1, __m512& a2,
-                                                              float* __restrict da_out) {
+SCM_AVX512_FN inline void bwd_sums_step16(const float* __restrict x, const float* __restrict dy,
+                                          int64_t off, __mmask16 m, __m512 vmu, __m512 vr,
+                                          __m512 vA, __m512 vB, __m512& a1, __m512& a2,
+                                          float* __restrict da_out) {
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + off), vmu), vr);
   const __m512 a = _mm512_fmadd_ps(xh, vA, vB);
@@ -208,9 +271,9 @@ __attribute__((target("avx512f"))) inline void bwd_sums_step16(const float* __re
 // da_out; p1 += sum da x^, p2 += sum da over the same 64 lane accumulators and fold order as the
 // portable loop (masked tail lanes add zeros). fp32 8x256x32x32 backward with SiLU on one thread,
 // best of 15 runs per build alternated 5 times on the noisy 2-core VM: 2.01 -> 1.72 ms.
-__attribute__((target("avx512f"))) void bwd_sums_silu_avx512(const float* __restrict x, const float* __restrict dy,
-                                                            int64_t n, float mu, float r, float A0, float B0,
-                                                            float& p1, float& p2, float* __restrict da_out) {
+SCM_AVX512_FN void bwd_sums_silu_avx512(const float* __restrict x, const float* __restrict dy,
+                                        int64_t n, float mu, float r, float A0, float B0,
+                                        float& p1, float& p2, float* __restrict da_out) {
   const __m512 vmu = _mm512_set1_ps(mu), vr = _mm512_set1_ps(r), vA = _mm512_set1_ps(A0), vB = _mm512_set1_ps(B0);
   __m512 a1[4], a2[4];
   for (int j = 0; j < 4; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
@@ -234,7 +297,8 @@ __attribute__((target("avx512f"))) void bwd_sums_silu_avx512(const float* __rest
 #pragma GCC diagnostic pop
 
 inline bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return yes;
 }
 #endif
@@ -783,6 +847,16 @@ void expand(const Geo& g, float* dst, F&& coef) {
 // ---------------------------------------------------------------------------------------------
 Moments range_moments(const Geo& g, const Ncs& x, const Task& t, float* buf) {
   Moments m{0.f, 0.f, 0.f};
+#ifdef SCM_GN_AVX512
+  if (contiguous_block(g) && have_avx512() && (x.dt == at::kBFloat16 || x.dt == at::kHalf)) {
+    for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+      const char* p = x.base + elem_offset(g, x, t.n, b) * x.es;
+      m = merge(m, x.dt == at::kBFloat16 ? block_moments_avx512(reinterpret_cast<const uint16_t*>(p), b.len)
+                                         : block_moments_avx512(reinterpret_cast<const c10::Half*>(p), b.len));
+    });
+    return m;
+  }
+#endif
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) { m = merge(m, block_moments(load(g, x, t.n, b, buf), b.len)); });
   return m;
 }
@@ -805,6 +879,25 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
     expand(g, Bv, [&](int64_t c) { return af.B(t.n, c0 + c); });
   }
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+#ifdef SCM_GN_AVX512
+    if (silu && contiguous_block(g) && have_avx512() && (x.dt == at::kBFloat16 || x.dt == at::kHalf)) {
+      const char* xp = x.base + elem_offset(g, x, t.n, b) * x.es;
+      char* yp = y.mbase + elem_offset(g, y, t.n, b) * y.es;
+      const float A0 = g.cl ? 0.f : af.A(t.n, b.c) * r, B0 = g.cl ? 0.f : af.B(t.n, b.c);
+      if (x.dt == at::kBFloat16) {
+        const auto* xh = reinterpret_cast<const uint16_t*>(xp);
+        auto* yh = reinterpret_cast<uint16_t*>(yp);
+        g.cl ? silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh)
+             : silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, A0, B0, yh);
+      } else {
+        const auto* xh = reinterpret_cast<const c10::Half*>(xp);
+        auto* yh = reinterpret_cast<c10::Half*>(yp);
+        g.cl ? silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh)
+             : silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, A0, B0, yh);
+      }
+      return;
+    }
+#endif
     const float* xv = load(g, x, t.n, b, xb);
     float* out = out_ptr(g, y, t.n, b, yb);
     if (g.cl) {

@@ -629,6 +629,33 @@ def test_cpu_independent_of_thread_count(shape, layout):
     assert all(torch.equal(a, b) for a, b in zip(*res))
 
 
+@pytest.mark.cpu
+@pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,C,G,spatial,layout", [(3, 64, 8, (13, 7), "contig"), (2, 32, 32, (1029,), "contig"),
+                                                  (1, 4, 1, (70, 75), "contig"), (2, 16, 1, (5, 7), "channels_last"),
+                                                  (1, 8, 2, (1,), "contig")])
+def test_cpu_half_inputs_match_fp32_path(dtype, N, C, G, spatial, layout):
+    """CPU, fp16/bf16 input: the statistics and the SiLU output read and write the half-precision
+    tensors in registers (AVX-512) or through fp32 buffers (elsewhere); either way mean and rstd equal
+    those of the same values in fp32 bit for bit, and y equals the fp32 output rounded once (NaN
+    payloads aside). Shapes with block tails, split groups (N G < 64), one group of all channels in
+    channels_last, and one element per channel."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(N, C, *spatial, generator=gen) * 3 + 2).to(dtype)
+    x.view(-1)[:4] = torch.tensor([1e4, -1e4, 60.0, -60.0]).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
+    s, sh = torch.randn(N, C, generator=gen), torch.randn(N, C, generator=gen)
+    x3 = x.reshape(N, C, -1) if layout != "channels_last" else x.permute(0, 2, 3, 1).reshape(N, -1, C).transpose(1, 2)
+    got = torch.ops.scm.group_norm(x3, w, b, s, sh, G, 1e-5, True)
+    want = torch.ops.scm.group_norm(x3.float(), w, b, s, sh, G, 1e-5, True)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[0].float(), want[0].to(dtype).float())
+    assert torch.isfinite(got[0]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
