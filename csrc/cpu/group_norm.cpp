@@ -48,6 +48,7 @@
 #include <immintrin.h>
 #endif
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -190,6 +191,17 @@ SCM_AVX512_FN inline __m256i narrow_f16(__m512 v) { return _mm512_cvtps_ph(v, _M
 SCM_AVX512_FN inline void store16(c10::Half* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_f16(v)); }
 SCM_AVX512_FN inline void store16(c10::Half* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, narrow_f16(v)); }
 
+// Mask of the first min(rem, 16) lanes (rem >= 1): a block's tail vector.
+SCM_AVX512_FN inline __mmask16 lanes16(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+}
+// fold_pairwise of 64 lanes held in 4 vectors (lane 16 j + l in a[j]).
+SCM_AVX512_FN inline float fold4x16(const __m512* a) {
+  alignas(64) float t[kLanes];
+  for (int j = 0; j < 4; ++j) _mm512_store_ps(t + 16 * j, a[j]);
+  return fold_pairwise<kLanes>(t);
+}
+
 // out[i] = silu((x[i] - mu) A + B) with per-element coefficient arrays (kVec: Av[i], Bv[i], mu
 // scalar or muv[i]) or scalars; the tail through masked loads and stores. t = -a log2(e) comes from
 // the affine step with A c and B c (scalars: scaled once; arrays: t = a c per element). x and out
@@ -210,7 +222,7 @@ SCM_AVX512_FN void silu_fwd_avx512(const T* __restrict x, int64_t n, float mu, c
     store16(out + i, silu_of_t16(t_of16<kVec>(load16(x + i), m, A, B, c)));
   }
   if (i < n) {
-    const __mmask16 t = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 t = lanes16(n - i);
     const __m512 m = kVecMu ? _mm512_maskz_loadu_ps(t, muv + i) : mu0;
     const __m512 A = kVec ? _mm512_maskz_loadu_ps(t, Av + i) : a0;
     const __m512 B = kVec ? _mm512_maskz_loadu_ps(t, Bv + i) : b0;
@@ -231,14 +243,11 @@ SCM_AVX512_FN float moments_sweep16(const T* __restrict x, int64_t n, __m512 c) 
       a[j] = kSq ? _mm512_fmadd_ps(d, d, a[j]) : _mm512_add_ps(a[j], d);
     }
   for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
-    const int64_t rem = n - i - 16 * j;
-    const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    const __mmask16 m = lanes16(n - i - 16 * j);
     const __m512 d = _mm512_sub_ps(load16(x + i + 16 * j, m), c);
     a[j] = kSq ? _mm512_mask3_fmadd_ps(d, d, a[j], m) : _mm512_mask_add_ps(a[j], m, a[j], d);
   }
-  alignas(64) float t[kLanes];
-  for (int j = 0; j < 4; ++j) _mm512_store_ps(t + 16 * j, a[j]);
-  return fold_pairwise<kLanes>(t);
+  return fold4x16(a);
 }
 // block_moments (below) for a bf16 (uint16_t bits) or fp16 block read in place, converted in
 // registers: the same 64 lanes, tail lanes and fold order. Spares the forward's statistics pass of
@@ -281,17 +290,10 @@ SCM_AVX512_FN void bwd_sums_silu_avx512(const float* __restrict x, const float* 
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < 4; ++j) bwd_sums_step16(x, dy, i + 16 * j, 0xFFFF, vmu, vr, vA, vB, a1[j], a2[j], da_out);
   for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
-    const int64_t rem = n - i - 16 * j;
-    const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
-    bwd_sums_step16(x, dy, i + 16 * j, m, vmu, vr, vA, vB, a1[j], a2[j], da_out);
+    bwd_sums_step16(x, dy, i + 16 * j, lanes16(n - i - 16 * j), vmu, vr, vA, vB, a1[j], a2[j], da_out);
   }
-  alignas(64) float t1[kLanes], t2[kLanes];
-  for (int j = 0; j < 4; ++j) {
-    _mm512_store_ps(t1 + 16 * j, a1[j]);
-    _mm512_store_ps(t2 + 16 * j, a2[j]);
-  }
-  p1 += fold_pairwise<kLanes>(t1);
-  p2 += fold_pairwise<kLanes>(t2);
+  p1 += fold4x16(a1);
+  p2 += fold4x16(a2);
 }
 
 #pragma GCC diagnostic pop
@@ -883,18 +885,14 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
     if (silu && contiguous_block(g) && have_avx512() && (x.dt == at::kBFloat16 || x.dt == at::kHalf)) {
       const char* xp = x.base + elem_offset(g, x, t.n, b) * x.es;
       char* yp = y.mbase + elem_offset(g, y, t.n, b) * y.es;
-      const float A0 = g.cl ? 0.f : af.A(t.n, b.c) * r, B0 = g.cl ? 0.f : af.B(t.n, b.c);
-      if (x.dt == at::kBFloat16) {
-        const auto* xh = reinterpret_cast<const uint16_t*>(xp);
-        auto* yh = reinterpret_cast<uint16_t*>(yp);
-        g.cl ? silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh)
-             : silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, A0, B0, yh);
-      } else {
-        const auto* xh = reinterpret_cast<const c10::Half*>(xp);
-        auto* yh = reinterpret_cast<c10::Half*>(yp);
-        g.cl ? silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh)
-             : silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, A0, B0, yh);
-      }
+      const auto run = [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        const auto* xh = reinterpret_cast<const T*>(xp);
+        auto* yh = reinterpret_cast<T*>(yp);
+        if (g.cl) return silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh);
+        silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, af.A(t.n, b.c) * r, af.B(t.n, b.c), yh);
+      };
+      x.dt == at::kBFloat16 ? run(static_cast<uint16_t*>(nullptr)) : run(static_cast<c10::Half*>(nullptr));
       return;
     }
 #endif
