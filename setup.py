@@ -32,6 +32,12 @@ def _ext_modules():
     # -fno-math-errno, -fno-trapping-math: no errno writes or FP traps to preserve, so the compiler may
     # vectorize loops over sqrt and if-convert selects; results stay IEEE (unlike -ffast-math).
     cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", *openmp]
+    if os.environ.get("SCM_AVX512_EMULATE", "0") == "1":
+        # Test builds: the CPU GroupNorm's explicit AVX-512 kernels on any x86-64 CPU, each intrinsic
+        # modelled in software (csrc/cpu/avx512_emulated.h; needs SIMDe's headers, Debian libsimde-dev).
+        # -mfma: the portable loops then contract a * b + c into FMA in every clone, as the AVX-512
+        # clone does on an AVX-512 CPU, so that the build computes what such a CPU computes.
+        cxx_flags += ["-DSCM_AVX512_EMULATE", "-mfma"]
     extra = {"cxx": cxx_flags}
     link = ["-fopenmp"] if sys.platform != "darwin" else ["-lomp"]
 

@@ -43,8 +43,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(SCM_AVX512_EMULATE)
+#include "avx512_emulated.h"
+#elif defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
 #include <tuple>
@@ -110,11 +113,18 @@ inline __attribute__((always_inline)) float fold(float* acc) { return fold_pairw
 // nearest by adding and removing 1.5 * 2^18, a clamp at t >= -100, f = t - k, the constant added
 // after vscalefps) took 13 (14): SiLU pass 9.8-11.4 -> 9.5-9.8 cycles per 16 elements in an
 // L1-resident standalone loop (min of alternated runs; the VM is noisy).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#if defined(SCM_AVX512_EMULATE)
+// Test builds (setup.py with SCM_AVX512_EMULATE=1): the same kernels on any x86-64 CPU, every
+// intrinsic modelled in software by avx512_emulated.h (included above), and taken whatever the CPU.
+#define SCM_GN_AVX512 1
+#define SCM_AVX512_FN
+#elif defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define SCM_GN_AVX512 1
 // vreduceps needs AVX512DQ, the 16-bit masked loads and stores AVX512BW and VL, beside AVX512F (every
 // AVX-512 CPU since Skylake-SP has all four).
 #define SCM_AVX512_FN __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+#endif
+#ifdef SCM_GN_AVX512
 // c0 2^(j/32), j = 0..31, c0 = 1 + 5.29e-8 (see above), correctly rounded to fp32.
 alignas(64) constexpr float kExp2Frac[32] = {
     0x1.000000p+0f, 0x1.059b0ep+0f, 0x1.0b5588p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,
@@ -252,53 +262,217 @@ SCM_AVX512_FN float moments_sweep16(const T* __restrict x, int64_t n, __m512 c) 
 // block_moments (below) for a bf16 (uint16_t bits) or fp16 block read in place, converted in
 // registers: the same 64 lanes, tail lanes and fold order. Spares the forward's statistics pass of
 // a half-precision input its conversion into an fp32 buffer.
+inline float elem_f32(uint16_t bf16_bits) {
+  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float elem_f32(c10::Half h) { return static_cast<float>(h); }
 template <class T>
 SCM_AVX512_FN Moments block_moments_avx512(const T* __restrict x, int64_t n) {
-  const float pivot = _mm512_cvtss_f32(load16(x, 1));
+  const float pivot = elem_f32(x[0]);
   const float mean = pivot + moments_sweep16<false>(x, n, _mm512_set1_ps(pivot)) / static_cast<float>(n);
   return {static_cast<float>(n), mean, moments_sweep16<true>(x, n, _mm512_set1_ps(mean))};
 }
 
-// (A30) one 16-lane step of bwd_sums_silu_avx512 over elements [off, off + 16) (mask m).
-SCM_AVX512_FN inline void bwd_sums_step16(const float* __restrict x, const float* __restrict dy,
-                                          int64_t off, __mmask16 m, __m512 vmu, __m512 vr,
-                                          __m512 vA, __m512 vB, __m512& a1, __m512& a2,
-                                          float* __restrict da_out) {
+// Full (kTail false) or masked (kTail true: lanes of m) 16-lane load and store.
+template <bool kTail, class T>
+SCM_AVX512_FN inline __m512 ld16(const T* p, __mmask16 m) {
+  if constexpr (kTail) {
+    return load16(p, m);
+  } else {
+    return load16(p);
+  }
+}
+template <bool kTail, class T>
+SCM_AVX512_FN inline void st16(T* p, __mmask16 m, __m512 v) {
+  if constexpr (kTail) {
+    store16(p, m, v);
+  } else {
+    store16(p, v);
+  }
+}
+
+// (A28) SiLU'(a) = sig (1 + a (1 - sig)), sig = 1 / (1 + e^-a).
+SCM_AVX512_FN inline __m512 silu_grad16(__m512 a) {
   const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + off), vmu), vr);
-  const __m512 a = _mm512_fmadd_ps(xh, vA, vB);
   const __m512 sig = _mm512_div_ps(one, one_plus_exp_neg16(a));
-  const __m512 g = _mm512_mul_ps(sig, _mm512_fmadd_ps(a, _mm512_sub_ps(one, sig), one));
-  const __m512 da = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + off), g);
+  return _mm512_mul_ps(sig, _mm512_fmadd_ps(a, _mm512_sub_ps(one, sig), one));
+}
+
+// (A29) Coefficients of a JVP block: per-block scalars, and per-element arrays that replace some of
+// them (A, B, Ad, Bd for a channels-last block of one group; all eight for channels-last rows of all
+// channels). A = gamma s, B = beta s + b, Ad = gamma_dot s + gamma s_dot, Bd = beta_dot s + beta s_dot + b_dot.
+struct JvpScal {
+  float mu, r, m1, m2, A, B, Ad, Bd;
+};
+struct JvpArr {
+  const float *mu, *r, *m1, *m2, *A, *B, *Ad, *Bd;
+};
+
+// One 16-lane step of jvp_avx512 at element i. With d = x - mu, P = r A, Q = r (Ad - P m2):
+//   a_dot = (x_dot - m1) P + d Q + Bd, which is jvp_block's x^_dot A + x^ Ad + Bd (x^ = r d,
+//   x^_dot = r (x_dot - m1 - x^ m2)) with its terms regrouped (3 vector ops instead of 7); without
+//   x_dot, a_dot = d (r Ad) + Bd; y_dot = SiLU'(a) a_dot, a = d P + B (kSilu), else a_dot.
+// s: mu, r, m1, m2, P, Q, B, Bd broadcast (the scalars' values).
+template <bool kTail, bool kVec, bool kVecStats, bool kXd, bool kSilu, class T>
+SCM_AVX512_FN inline void jvp_step16(const T* __restrict x, const T* __restrict xd, int64_t i, __mmask16 m,
+                                     const JvpArr& v, const __m512* s, T* __restrict out) {
+  __m512 mu = s[0], r = s[1], m1 = s[2], m2 = s[3], P = s[4], Q = s[5], B = s[6], Bd = s[7];
+  if constexpr (kVecStats) {
+    mu = ld16<kTail>(v.mu + i, m);
+    r = ld16<kTail>(v.r + i, m);
+    m1 = ld16<kTail>(v.m1 + i, m);
+    m2 = ld16<kTail>(v.m2 + i, m);
+  }
+  if constexpr (kVec) {
+    P = _mm512_mul_ps(ld16<kTail>(v.A + i, m), r);
+    const __m512 Ad = ld16<kTail>(v.Ad + i, m);
+    Q = _mm512_mul_ps(kXd ? _mm512_fnmadd_ps(P, m2, Ad) : Ad, r);
+    B = ld16<kTail>(v.B + i, m);
+    Bd = ld16<kTail>(v.Bd + i, m);
+  }
+  const __m512 d = _mm512_sub_ps(ld16<kTail>(x + i, m), mu);
+  __m512 ad = _mm512_fmadd_ps(d, Q, Bd);
+  if constexpr (kXd) ad = _mm512_fmadd_ps(_mm512_sub_ps(ld16<kTail>(xd + i, m), m1), P, ad);
+  if constexpr (kSilu) ad = _mm512_mul_ps(silu_grad16(_mm512_fmadd_ps(d, P, B)), ad);
+  st16<kTail>(out + i, m, ad);
+}
+
+// (A29) y_dot of n contiguous elements in explicit AVX-512 (jvp_block's portable sigmoid is about
+// twice the vector ops of one_plus_exp_neg16's, in 256-bit clones); kVec: v.A, B, Ad, Bd per element;
+// kVecStats: also v.mu, r, m1, m2. x, x_dot (kXd) and y_dot are fp32, bf16 or fp16, converted in
+// registers.
+template <bool kVec, bool kVecStats, bool kXd, bool kSilu, class T>
+SCM_AVX512_FN void jvp_avx512(const T* __restrict x, const T* __restrict xd, int64_t n, const JvpScal& k,
+                              const JvpArr& v, T* __restrict out) {
+  const float P = k.r * k.A, Q = k.r * (kXd ? k.Ad - P * k.m2 : k.Ad);
+  const __m512 s[8] = {_mm512_set1_ps(k.mu), _mm512_set1_ps(k.r), _mm512_set1_ps(k.m1), _mm512_set1_ps(k.m2),
+                       _mm512_set1_ps(P),    _mm512_set1_ps(Q),   _mm512_set1_ps(k.B),  _mm512_set1_ps(k.Bd)};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) jvp_step16<false, kVec, kVecStats, kXd, kSilu>(x, xd, i, 0xFFFF, v, s, out);
+  if (i < n) jvp_step16<true, kVec, kVecStats, kXd, kSilu>(x, xd, i, lanes16(n - i), v, s, out);
+}
+// jvp_avx512 for a run-time x_dot (nullptr: none) and activation.
+template <bool kVec, bool kVecStats, class T>
+SCM_AVX512_FN void jvp_avx512_any(const T* __restrict x, const T* __restrict xd, int64_t n, const JvpScal& k,
+                                  const JvpArr& v, bool silu, T* __restrict out) {
+  if (xd != nullptr) {
+    silu ? jvp_avx512<kVec, kVecStats, true, true>(x, xd, n, k, v, out)
+         : jvp_avx512<kVec, kVecStats, true, false>(x, xd, n, k, v, out);
+  } else {
+    silu ? jvp_avx512<kVec, kVecStats, false, true>(x, xd, n, k, v, out)
+         : jvp_avx512<kVec, kVecStats, false, false>(x, xd, n, k, v, out);
+  }
+}
+
+// (A29) jvp_sums_block over a contiguous fp32, bf16 or fp16 block read in place: the same 64 lanes,
+// masked tail lanes and fold order (a2 += (x - mu) x_dot as one FMA, as the compiler contracts it).
+template <class T>
+SCM_AVX512_FN void jvp_sums_avx512(const T* __restrict x, const T* __restrict xd, int64_t n, float mu, float& s_d,
+                                   float& s_xd) {
+  const __m512 vmu = _mm512_set1_ps(mu);
+  __m512 a1[4], a2[4];
+  for (int j = 0; j < 4; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < 4; ++j) {
+      const __m512 t = load16(xd + i + 16 * j);
+      a1[j] = _mm512_add_ps(a1[j], t);
+      a2[j] = _mm512_fmadd_ps(_mm512_sub_ps(load16(x + i + 16 * j), vmu), t, a2[j]);
+    }
+  for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
+    const __mmask16 m = lanes16(n - i - 16 * j);
+    const __m512 t = load16(xd + i + 16 * j, m);
+    a1[j] = _mm512_mask_add_ps(a1[j], m, a1[j], t);
+    a2[j] = _mm512_mask3_fmadd_ps(_mm512_sub_ps(load16(x + i + 16 * j, m), vmu), t, a2[j], m);
+  }
+  s_d += fold4x16(a1);
+  s_xd += fold4x16(a2);
+}
+
+// (A30) one 16-lane step of bwd_sums_avx512 over elements [off, off + 16) (mask m).
+template <bool kSilu, class T>
+SCM_AVX512_FN inline void bwd_sums_step16(const T* __restrict x, const T* __restrict dy, int64_t off, __mmask16 m,
+                                          __m512 vmu, __m512 vr, __m512 vA, __m512 vB, __m512& a1, __m512& a2,
+                                          float* __restrict da_out) {
+  const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load16(x + off, m), vmu), vr);
+  __m512 da = load16(dy + off, m);
+  if constexpr (kSilu) da = _mm512_mul_ps(da, silu_grad16(_mm512_fmadd_ps(xh, vA, vB)));
   _mm512_mask_storeu_ps(da_out + off, m, da);
   a1 = _mm512_fmadd_ps(da, xh, a1);
   a2 = _mm512_add_ps(a2, da);
 }
 
-// (A30) bwd_sums_block with SiLU in explicit AVX-512 (the portable loop's sigmoid is about twice the
-// vector ops of one_plus_exp_neg16's): da = dy sig (1 + a (1 - sig)), a = x^ A0 + B0, written to
-// da_out; p1 += sum da x^, p2 += sum da over the same 64 lane accumulators and fold order as the
-// portable loop (masked tail lanes add zeros). fp32 8x256x32x32 backward with SiLU on one thread,
-// best of 15 runs per build alternated 5 times on the noisy 2-core VM: 2.01 -> 1.72 ms.
-SCM_AVX512_FN void bwd_sums_silu_avx512(const float* __restrict x, const float* __restrict dy,
-                                        int64_t n, float mu, float r, float A0, float B0,
-                                        float& p1, float& p2, float* __restrict da_out) {
+// (A30) bwd_sums_block in explicit AVX-512 (the portable loop's sigmoid is about twice the vector ops
+// of one_plus_exp_neg16's): da = dy SiLU'(a) (kSilu) or dy, a = x^ A0 + B0, written to da_out (fp32);
+// p1 += sum da x^, p2 += sum da over the same 64 lane accumulators and fold order as the portable
+// loop (masked tail lanes add zeros). x and dy fp32, bf16 or fp16, converted in registers. fp32
+// 8x256x32x32 backward with SiLU on one thread, best of 15 runs per build alternated 5 times on the
+// noisy 2-core VM: 2.01 -> 1.72 ms.
+template <bool kSilu, class T>
+SCM_AVX512_FN void bwd_sums_avx512(const T* __restrict x, const T* __restrict dy, int64_t n, float mu, float r,
+                                   float A0, float B0, float& p1, float& p2, float* __restrict da_out) {
   const __m512 vmu = _mm512_set1_ps(mu), vr = _mm512_set1_ps(r), vA = _mm512_set1_ps(A0), vB = _mm512_set1_ps(B0);
   __m512 a1[4], a2[4];
   for (int j = 0; j < 4; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < 4; ++j) bwd_sums_step16(x, dy, i + 16 * j, 0xFFFF, vmu, vr, vA, vB, a1[j], a2[j], da_out);
+    for (int j = 0; j < 4; ++j) bwd_sums_step16<kSilu>(x, dy, i + 16 * j, 0xFFFF, vmu, vr, vA, vB, a1[j], a2[j], da_out);
   for (int j = 0; j < 4 && i + 16 * j < n; ++j) {
-    bwd_sums_step16(x, dy, i + 16 * j, lanes16(n - i - 16 * j), vmu, vr, vA, vB, a1[j], a2[j], da_out);
+    bwd_sums_step16<kSilu>(x, dy, i + 16 * j, lanes16(n - i - 16 * j), vmu, vr, vA, vB, a1[j], a2[j], da_out);
   }
   p1 += fold4x16(a1);
   p2 += fold4x16(a2);
 }
 
+// (A30) one 16-lane step of dx_avx512: dx = r (da A - m1 - x^ m2), x^ = (x - mu) r, in the portable
+// loops' order of operations; da = dy SiLU'(x^ A + B) (kDy, kSilu), dy (kDy), or the sums pass's da
+// (!kDy). s: mu, r, m1, m2, A, B broadcast; kVec: A, B per element from Av, Bv.
+template <bool kTail, bool kVec, bool kDy, bool kSilu, class T>
+SCM_AVX512_FN inline void dx_step16(const T* __restrict x, const T* __restrict dy, const float* __restrict da,
+                                    int64_t i, __mmask16 m, const float* __restrict Av, const float* __restrict Bv,
+                                    const __m512* s, T* __restrict out) {
+  const __m512 A = kVec ? ld16<kTail>(Av + i, m) : s[4];
+  const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(ld16<kTail>(x + i, m), s[0]), s[1]);
+  __m512 g;
+  if constexpr (kDy) {
+    g = ld16<kTail>(dy + i, m);
+    if constexpr (kSilu) g = _mm512_mul_ps(g, silu_grad16(_mm512_fmadd_ps(xh, A, kVec ? ld16<kTail>(Bv + i, m) : s[5])));
+  } else {
+    g = ld16<kTail>(da + i, m);
+  }
+  st16<kTail>(out + i, m, _mm512_mul_ps(s[1], _mm512_fnmadd_ps(xh, s[3], _mm512_fmsub_ps(g, A, s[2]))));
+}
+// (A30) dx of n contiguous elements (dx_block / dx_cached_block in explicit AVX-512); x, dy and dx
+// fp32, bf16 or fp16, converted in registers; da (!kDy) fp32.
+template <bool kVec, bool kDy, bool kSilu, class T>
+SCM_AVX512_FN void dx_avx512(const T* __restrict x, const T* __restrict dy, const float* __restrict da, int64_t n,
+                             float mu, float r, float m1, float m2, const float* __restrict Av,
+                             const float* __restrict Bv, float A0, float B0, T* __restrict out) {
+  const __m512 s[6] = {_mm512_set1_ps(mu), _mm512_set1_ps(r), _mm512_set1_ps(m1),
+                       _mm512_set1_ps(m2), _mm512_set1_ps(A0), _mm512_set1_ps(B0)};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) dx_step16<false, kVec, kDy, kSilu>(x, dy, da, i, 0xFFFF, Av, Bv, s, out);
+  if (i < n) dx_step16<true, kVec, kDy, kSilu>(x, dy, da, i, lanes16(n - i), Av, Bv, s, out);
+}
+// dx_avx512 with da from the sums pass (da given) or from dy (da == nullptr), and a run-time activation.
+template <bool kVec, class T>
+SCM_AVX512_FN void dx_avx512_any(const T* __restrict x, const T* __restrict dy, const float* __restrict da,
+                                 int64_t n, float mu, float r, float m1, float m2, const float* __restrict Av,
+                                 const float* __restrict Bv, float A0, float B0, bool silu, T* __restrict out) {
+  if (da != nullptr) return dx_avx512<kVec, false, false>(x, dy, da, n, mu, r, m1, m2, Av, Bv, A0, B0, out);
+  silu ? dx_avx512<kVec, true, true>(x, dy, da, n, mu, r, m1, m2, Av, Bv, A0, B0, out)
+       : dx_avx512<kVec, true, false>(x, dy, da, n, mu, r, m1, m2, Av, Bv, A0, B0, out);
+}
+
 #pragma GCC diagnostic pop
 
 inline bool have_avx512() {
+#ifdef SCM_AVX512_EMULATE
+  return true;
+#endif
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return yes;
@@ -404,6 +578,14 @@ struct ClJvpCoef {
 // y_dot rows (A29); xd == nullptr: no tangent of x.
 SCM_GN_CLONES void cl_jvp_rows(const float* __restrict x, const float* __restrict xd, int64_t rows, int64_t C,
                                ClJvpCoef k, bool silu, float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (have_avx512()) {
+    const JvpArr v{k.mu, k.r, k.m1, k.m2, k.A, k.B, k.Ad, k.Bd};
+    for (int64_t s = 0; s < rows; ++s)
+      jvp_avx512_any<true, true>(x + s * C, xd != nullptr ? xd + s * C : nullptr, C, JvpScal{}, v, silu, out + s * C);
+    return;
+  }
+#endif
 #define SCM_GN_CL_JVP(XHD, SILU)                                         \
   for (int64_t s = 0; s < rows; ++s)                                     \
     for (int64_t c = 0; c < C; ++c) {                                    \
@@ -436,6 +618,9 @@ SCM_GN_CLONES void cl_jvp_rows(const float* __restrict x, const float* __restric
 // (A29) sums of x_dot and of (x - mu) x_dot over one block, added to s_d, s_xd.
 SCM_GN_CLONES void jvp_sums_block(const float* __restrict x, const float* __restrict xd, int64_t n, float mu,
                                   float& s_d, float& s_xd) {
+#ifdef SCM_GN_AVX512
+  if (have_avx512()) return jvp_sums_avx512(x, xd, n, mu, s_d, s_xd);
+#endif
   float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -461,6 +646,12 @@ SCM_GN_CLONES void jvp_block(const float* __restrict x, const float* __restrict 
                              float m1, float m2, const float* __restrict Av, const float* __restrict Bv,
                              const float* __restrict Adv, const float* __restrict Bdv, JvpCoef k, bool silu,
                              float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (have_avx512()) {
+    return jvp_avx512_any<kVec, false>(x, xd, n, JvpScal{mu, r, m1, m2, k.A, k.B, k.Ad, k.Bd},
+                                       JvpArr{nullptr, nullptr, nullptr, nullptr, Av, Bv, Adv, Bdv}, silu, out);
+  }
+#endif
 #define SCM_GN_JVP_LOOP(XHD, SILU)                                                             \
   for (int64_t i = 0; i < n; ++i) {                                                            \
     const float xh = (x[i] - mu) * r;                                                          \
@@ -506,7 +697,10 @@ SCM_GN_CLONES void bwd_sums_block(const float* __restrict x, const float* __rest
                                   float r, float A0, float B0, bool silu, float& p1, float& p2,
                                   float* __restrict da_out) {
 #ifdef SCM_GN_AVX512
-  if (silu && have_avx512()) return bwd_sums_silu_avx512(x, dy, n, mu, r, A0, B0, p1, p2, da_out);
+  if (have_avx512()) {
+    return silu ? bwd_sums_avx512<true>(x, dy, n, mu, r, A0, B0, p1, p2, da_out)
+                : bwd_sums_avx512<false>(x, dy, n, mu, r, A0, B0, p1, p2, da_out);
+  }
 #endif
   float a1[kLanes] = {0.f}, a2[kLanes] = {0.f};
   int64_t i = 0;
@@ -560,6 +754,9 @@ template <bool kVec>
 SCM_GN_CLONES void dx_block(const float* __restrict x, const float* __restrict dy, int64_t n, float mu, float r,
                             float m1, float m2, const float* __restrict Av, const float* __restrict Bv, float A0,
                             float B0, bool silu, float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (have_avx512()) return dx_avx512_any<kVec>(x, dy, nullptr, n, mu, r, m1, m2, Av, Bv, A0, B0, silu, out);
+#endif
 #define SCM_GN_DX(SILU)                                                  \
   for (int64_t i = 0; i < n; ++i) {                                      \
     SCM_GN_DA(SILU, i, SCM_COEF(Av, A0), SCM_COEF(Bv, B0))               \
@@ -620,6 +817,9 @@ template <bool kVec>
 SCM_GN_CLONES void dx_cached_block(const float* __restrict x, const float* __restrict da, int64_t n, float mu,
                                    float r, float m1, float m2, const float* __restrict Av, float A0,
                                    float* __restrict out) {
+#ifdef SCM_GN_AVX512
+  if (have_avx512()) return dx_avx512_any<kVec, float>(x, nullptr, da, n, mu, r, m1, m2, Av, nullptr, A0, 0.f, false, out);
+#endif
   for (int64_t i = 0; i < n; ++i) out[i] = r * (da[i] * SCM_COEF(Av, A0) - m1 - (x[i] - mu) * r * m2);
 }
 
@@ -713,6 +913,34 @@ void store(const Geo& g, const Ncs& o, int64_t n, const Blk& b, const float* val
   }
   for (int64_t j = 0; j < b.rows; ++j) store_f32(vals + j * g.Cg, g.Cg, o.dt, p + j * g.C * o.es);
 }
+
+#ifdef SCM_GN_AVX512
+// True when the AVX-512 kernels read and write blocks of dtype dt in place, converting in registers:
+// bf16 and fp16 operands of contiguous blocks (fp32 blocks are read in place by every path, others
+// are converted into fp32 buffers by load() and store()).
+inline bool half_in_place(const Geo& g, at::ScalarType dt) {
+  return contiguous_block(g) && (dt == at::kBFloat16 || dt == at::kHalf) && have_avx512();
+}
+// f(p) with p a null pointer of the element type of a half dtype: uint16_t (bf16 bits) or c10::Half.
+template <class F>
+void with_half(at::ScalarType dt, F&& f) {
+  if (dt == at::kBFloat16) {
+    f(static_cast<uint16_t*>(nullptr));
+  } else {
+    f(static_cast<c10::Half*>(nullptr));
+  }
+}
+// Block b of operand o (or nullptr for none) as elements of type T.
+template <class T>
+const T* in_blk(const Geo& g, const Ncs* o, int64_t n, const Blk& b) {
+  return o == nullptr ? nullptr : reinterpret_cast<const T*>(o->base + elem_offset(g, *o, n, b) * o->es);
+}
+template <class T>
+T* out_blk(const Geo& g, const Ncs& o, int64_t n, const Blk& b) {
+  return reinterpret_cast<T*>(o.mbase + elem_offset(g, o, n, b) * o.es);
+}
+#define SCM_ELEM_T(tag) std::remove_const_t<std::remove_pointer_t<decltype(tag)>>
+#endif
 
 // Per-channel fp32 operands: (C,) vectors and (N, C) matrices with free strides, or absent.
 struct ChanVec {
@@ -850,11 +1078,11 @@ void expand(const Geo& g, float* dst, F&& coef) {
 Moments range_moments(const Geo& g, const Ncs& x, const Task& t, float* buf) {
   Moments m{0.f, 0.f, 0.f};
 #ifdef SCM_GN_AVX512
-  if (contiguous_block(g) && have_avx512() && (x.dt == at::kBFloat16 || x.dt == at::kHalf)) {
-    for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
-      const char* p = x.base + elem_offset(g, x, t.n, b) * x.es;
-      m = merge(m, x.dt == at::kBFloat16 ? block_moments_avx512(reinterpret_cast<const uint16_t*>(p), b.len)
-                                         : block_moments_avx512(reinterpret_cast<const c10::Half*>(p), b.len));
+  if (half_in_place(g, x.dt)) {
+    with_half(x.dt, [&](auto* tag) {
+      using T = SCM_ELEM_T(tag);
+      for_blocks(g, t.grp, t.s_lo, t.s_hi,
+                 [&](const Blk& b) { m = merge(m, block_moments_avx512(in_blk<T>(g, &x, t.n, b), b.len)); });
     });
     return m;
   }
@@ -882,18 +1110,14 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
   }
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
 #ifdef SCM_GN_AVX512
-    if (silu && contiguous_block(g) && have_avx512() && (x.dt == at::kBFloat16 || x.dt == at::kHalf)) {
-      const char* xp = x.base + elem_offset(g, x, t.n, b) * x.es;
-      char* yp = y.mbase + elem_offset(g, y, t.n, b) * y.es;
-      const auto run = [&](auto* tag) {
-        using T = std::remove_pointer_t<decltype(tag)>;
-        const auto* xh = reinterpret_cast<const T*>(xp);
-        auto* yh = reinterpret_cast<T*>(yp);
+    if (silu && half_in_place(g, x.dt)) {
+      return with_half(x.dt, [&](auto* tag) {
+        using T = SCM_ELEM_T(tag);
+        const T* xh = in_blk<T>(g, &x, t.n, b);
+        T* yh = out_blk<T>(g, y, t.n, b);
         if (g.cl) return silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh);
         silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, af.A(t.n, b.c) * r, af.B(t.n, b.c), yh);
-      };
-      x.dt == at::kBFloat16 ? run(static_cast<uint16_t*>(nullptr)) : run(static_cast<c10::Half*>(nullptr));
-      return;
+      });
     }
 #endif
     const float* xv = load(g, x, t.n, b, xb);
@@ -1110,6 +1334,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
 // (sum x_dot, sum (x - mu) x_dot) over a task's positions.
 std::pair<float, float> jvp_sums(const Geo& g, const Ncs& x, const Ncs& xd, const Task& t, float mu, Scratch& sc) {
   float s_d = 0.f, s_xd = 0.f;
+#ifdef SCM_GN_AVX512
+  if (half_in_place(g, x.dt)) {
+    with_half(x.dt, [&](auto* tag) {
+      using T = SCM_ELEM_T(tag);
+      for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+        jvp_sums_avx512(in_blk<T>(g, &x, t.n, b), in_blk<T>(g, &xd, t.n, b), b.len, mu, s_d, s_xd);
+      });
+    });
+    return {s_d, s_xd};
+  }
+#endif
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
     jvp_sums_block(load(g, x, t.n, b, sc.at(0, g.cap)), load(g, xd, t.n, b, sc.at(1, g.cap)), b.len, mu, s_d, s_xd);
   });
@@ -1142,6 +1377,21 @@ void jvp_apply(const Geo& g, const Ncs& x, const Ncs* xd, const Ncs& yd, const A
     expand(g, Bdv, [&](int64_t c) { return coef(c0 + c).Bd; });
   }
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+#ifdef SCM_GN_AVX512
+    if (half_in_place(g, x.dt)) {
+      const JvpCoef kc = g.cl ? JvpCoef{} : coef(b.c);
+      const JvpScal k{mu, r, m1, m2, kc.A, kc.B, kc.Ad, kc.Bd};
+      const JvpArr v{nullptr, nullptr, nullptr, nullptr, Av, Bv, Adv, Bdv};
+      return with_half(x.dt, [&](auto* tag) {
+        using T = SCM_ELEM_T(tag);
+        const T* xp = in_blk<T>(g, &x, n, b);
+        const T* xdp = in_blk<T>(g, xd, n, b);
+        T* out = out_blk<T>(g, yd, n, b);
+        if (g.cl) return jvp_avx512_any<true, false>(xp, xdp, b.len, k, v, silu, out);
+        jvp_avx512_any<false, false>(xp, xdp, b.len, k, v, silu, out);
+      });
+    }
+#endif
     const float* xv = load(g, x, n, b, xb);
     const float* xdv = xd != nullptr ? load(g, *xd, n, b, xdb) : nullptr;
     float* out = out_ptr(g, yd, n, b, yb);
@@ -1316,6 +1566,25 @@ void bwd_sums(const Geo& g, const Ncs& x, const Ncs& dy, const Affine& af, const
       p1[c * pstride] = 0.f;
       p2[c * pstride] = 0.f;
     }
+#ifdef SCM_GN_AVX512
+    if (half_in_place(g, x.dt)) {
+      with_half(x.dt, [&](auto* tag) {
+        using T = SCM_ELEM_T(tag);
+        for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+          const int64_t cl = b.c - c0;
+          const T* xp = in_blk<T>(g, &x, n, b);
+          const T* dp = in_blk<T>(g, &dy, n, b);
+          float* da = cache != nullptr ? cache + pos : dab;
+          float &q1 = p1[cl * pstride], &q2 = p2[cl * pstride];
+          const float A = af.A(n, b.c), B = af.B(n, b.c);
+          silu ? bwd_sums_avx512<true>(xp, dp, b.len, mu, r, A, B, q1, q2, da)
+               : bwd_sums_avx512<false>(xp, dp, b.len, mu, r, A, B, q1, q2, da);
+          pos += b.len;
+        });
+      });
+      return;
+    }
+#endif
     for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
       const int64_t cl = b.c - c0;
       bwd_sums_block(load(g, x, n, b, xb), load(g, dy, n, b, db), b.len, mu, r, af.A(n, b.c), af.B(n, b.c), silu,
@@ -1363,6 +1632,21 @@ void dx_apply(const Geo& g, const Ncs& x, const Ncs& dy, const Ncs& dx, const Af
   }
   int64_t pos = 0;
   for_blocks(g, t.grp, t.s_lo, t.s_hi, [&](const Blk& b) {
+#ifdef SCM_GN_AVX512
+    if (half_in_place(g, x.dt)) {
+      with_half(x.dt, [&](auto* tag) {
+        using T = SCM_ELEM_T(tag);
+        const T* xp = in_blk<T>(g, &x, n, b);
+        const T* dp = cache != nullptr ? nullptr : in_blk<T>(g, &dy, n, b);
+        const float* da = cache != nullptr ? cache + pos : nullptr;
+        T* out = out_blk<T>(g, dx, n, b);
+        if (g.cl) return dx_avx512_any<true>(xp, dp, da, b.len, mu, r, m1, m2, Av, Bv, 0.f, 0.f, silu, out);
+        dx_avx512_any<false>(xp, dp, da, b.len, mu, r, m1, m2, nullptr, nullptr, af.A(n, b.c), af.B(n, b.c), silu, out);
+      });
+      pos += b.len;
+      return;
+    }
+#endif
     const float* xv = load(g, x, n, b, xb);
     float* out = out_ptr(g, dx, n, b, ob);
     if (cache != nullptr) {

@@ -634,26 +634,50 @@ def test_cpu_independent_of_thread_count(shape, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,C,G,spatial,layout", [(3, 64, 8, (13, 7), "contig"), (2, 32, 32, (1029,), "contig"),
                                                   (1, 4, 1, (70, 75), "contig"), (2, 16, 1, (5, 7), "channels_last"),
-                                                  (1, 8, 2, (1,), "contig")])
-def test_cpu_half_inputs_match_fp32_path(dtype, N, C, G, spatial, layout):
-    """CPU, fp16/bf16 input: the statistics and the SiLU output read and write the half-precision
-    tensors in registers (AVX-512) or through fp32 buffers (elsewhere); either way mean and rstd equal
-    those of the same values in fp32 bit for bit, and y equals the fp32 output rounded once (NaN
-    payloads aside). Shapes with block tails, split groups (N G < 64), one group of all channels in
-    channels_last, and one element per channel."""
+                                                  (1, 8, 2, (1,), "contig"), (1, 8, 2, (64, 130), "contig"),
+                                                  (1, 16, 1, (64, 70), "channels_last")])
+@pytest.mark.parametrize("silu", [True, False])
+def test_cpu_half_inputs_match_fp32_path(dtype, N, C, G, spatial, layout, silu):
+    """CPU, fp16/bf16 operands: forward, JVP and backward read and write the half-precision tensors
+    in registers (AVX-512) or through fp32 buffers (elsewhere); either way the results equal those of
+    the same values in fp32, rounded once: mean, rstd and the backward's per-channel sums bit for bit,
+    y, y_dot and dx after one rounding to the half dtype. Shapes with block tails, groups split over
+    several tasks (the JVP's split sums, the backward's dx without cached da), one group of all
+    channels in channels_last, and one element per channel."""
     gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(N, C, *spatial, generator=gen) * 3 + 2).to(dtype)
-    x.view(-1)[:4] = torch.tensor([1e4, -1e4, 60.0, -60.0]).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+
+    def make(scale, offset, special=()):
+        t = (torch.randn(N, C, *spatial, generator=gen) * scale + offset).to(dtype)
+        t.view(-1)[:len(special)] = torch.tensor(special).to(dtype)
+        t = t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+        return t.reshape(N, C, -1) if layout != "channels_last" else t.permute(0, 2, 3, 1).reshape(N, -1, C).transpose(1, 2)
+
+    x3, xd3, dy3 = make(3, 2, special=(1e4, -1e4, 60.0, -60.0)), make(1, 0), make(1, 0)
     w, b = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
     s, sh = torch.randn(N, C, generator=gen), torch.randn(N, C, generator=gen)
-    x3 = x.reshape(N, C, -1) if layout != "channels_last" else x.permute(0, 2, 3, 1).reshape(N, -1, C).transpose(1, 2)
-    got = torch.ops.scm.group_norm(x3, w, b, s, sh, G, 1e-5, True)
-    want = torch.ops.scm.group_norm(x3.float(), w, b, s, sh, G, 1e-5, True)
+    tangents = [torch.randn(C, generator=gen), torch.randn(C, generator=gen), torch.randn(N, C, generator=gen),
+                torch.randn(N, C, generator=gen)]
+
+    def once(t):  # an fp32 result rounded to the half dtype, compared as fp32
+        return t.to(dtype).float()
+
+    got = torch.ops.scm.group_norm(x3, w, b, s, sh, G, 1e-5, silu)
+    want = torch.ops.scm.group_norm(x3.float(), w, b, s, sh, G, 1e-5, silu)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
-    assert torch.equal(got[0].float(), want[0].to(dtype).float())
+    assert torch.equal(got[0].float(), once(want[0]))
     assert torch.isfinite(got[0]).all()
+    mean, rstd = want[1], want[2]
+    for xd in (xd3, None):
+        got_d = torch.ops.scm.group_norm_jvp(x3, xd, w, b, s, sh, *tangents, mean, rstd, G, silu)
+        want_d = torch.ops.scm.group_norm_jvp(x3.float(), None if xd is None else xd.float(), w, b, s, sh, *tangents,
+                                              mean, rstd, G, silu)
+        assert torch.equal(got_d.float(), once(want_d))
+        assert torch.isfinite(got_d).all()
+    got_b = torch.ops.scm.group_norm_backward(dy3, x3, w, b, s, sh, mean, rstd, G, silu)
+    want_b = torch.ops.scm.group_norm_backward(dy3.float(), x3.float(), w, b, s, sh, mean, rstd, G, silu)
+    assert torch.equal(got_b[1], want_b[1]) and torch.equal(got_b[2], want_b[2])
+    assert torch.equal(got_b[0].float(), once(want_b[0]))
+    assert torch.isfinite(got_b[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------
