@@ -52,28 +52,30 @@ inline H16 h(simde__m256i a) {
 inline simde__m256i h(const H16& a) { return simde_mm256_loadu_si256(reinterpret_cast<const simde__m256i*>(a.v)); }
 inline bool on(simde__mmask16 m, int l) { return (m >> l) & 1; }
 
+// The lanes of m between 16 elements of type E at p and lanes v (the others of v stay as they are):
+// only those lanes of memory are touched, as by the hardware's masked loads and stores.
+template <class E>
+inline void masked_read(simde__mmask16 m, const void* p, E* v) {
+  for (int l = 0; l < 16; ++l)
+    if (on(m, l)) std::memcpy(&v[l], static_cast<const char*>(p) + sizeof(E) * l, sizeof(E));
+}
+template <class E>
+inline void masked_write(void* p, simde__mmask16 m, const E* v) {
+  for (int l = 0; l < 16; ++l)
+    if (on(m, l)) std::memcpy(static_cast<char*>(p) + sizeof(E) * l, &v[l], sizeof(E));
+}
 inline simde__m512 maskz_loadu_ps(simde__mmask16 m, const void* p) {
   F16 r{};
-  for (int l = 0; l < 16; ++l)
-    if (on(m, l)) std::memcpy(&r.v[l], static_cast<const char*>(p) + 4 * l, 4);
+  masked_read(m, p, r.v);
   return f(r);
 }
-inline void mask_storeu_ps(void* p, simde__mmask16 m, simde__m512 a) {
-  const F16 v = f(a);
-  for (int l = 0; l < 16; ++l)
-    if (on(m, l)) std::memcpy(static_cast<char*>(p) + 4 * l, &v.v[l], 4);
-}
+inline void mask_storeu_ps(void* p, simde__mmask16 m, simde__m512 a) { masked_write(p, m, f(a).v); }
 inline simde__m256i maskz_loadu_epi16(simde__mmask16 m, const void* p) {
   H16 r{};
-  for (int l = 0; l < 16; ++l)
-    if (on(m, l)) std::memcpy(&r.v[l], static_cast<const char*>(p) + 2 * l, 2);
+  masked_read(m, p, r.v);
   return h(r);
 }
-inline void mask_storeu_epi16(void* p, simde__mmask16 m, simde__m256i a) {
-  const H16 v = h(a);
-  for (int l = 0; l < 16; ++l)
-    if (on(m, l)) std::memcpy(static_cast<char*>(p) + 2 * l, &v.v[l], 2);
-}
+inline void mask_storeu_epi16(void* p, simde__mmask16 m, simde__m256i a) { masked_write(p, m, h(a).v); }
 inline simde__m512 mask3_fmadd_ps(simde__m512 a, simde__m512 b, simde__m512 c, simde__mmask16 m) {
   const F16 x = f(a), y = f(b), z = f(c);
   F16 r = z;

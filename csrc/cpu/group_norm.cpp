@@ -29,9 +29,13 @@
 // per position (5x slower forward at Cg = 8).
 // Inner loops run on fp32 blocks (fp32 operands in place, others converted by common.h), have no
 // calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 (with
-// FMA) and AVX2 clones. Exception: on AVX-512, the forward's statistics and SiLU output of a
-// contiguous bf16/fp16 block read and write the half-precision data in place, converting in
-// registers (block_moments_avx512, silu_fwd_avx512<.., T>), with the same bits as the buffered path.
+// FMA) and AVX2 clones. On AVX-512 CPUs (run-time check) the SiLU-bound loops and the JVP and dx
+// loops run explicit AVX-512 kernels instead (*_avx512 below: the forward's SiLU, the JVP's sums and
+// y_dot, the backward's sums (channels-first) and dx), and those read and write a contiguous bf16/fp16 block in place,
+// converting in registers, with the same bits as fp32 inputs of the same values (the fp32 block
+// buffers remain for gathered channels-last blocks and float64). On other CPUs only the portable
+// loops run; tests/kernels/test_avx512_emulated.py tests the AVX-512 kernels there, built on a
+// software model of the intrinsics (SCM_AVX512_EMULATE).
 //
 // Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
 // of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
@@ -259,9 +263,7 @@ SCM_AVX512_FN float moments_sweep16(const T* __restrict x, int64_t n, __m512 c) 
   }
   return fold4x16(a);
 }
-// block_moments (below) for a bf16 (uint16_t bits) or fp16 block read in place, converted in
-// registers: the same 64 lanes, tail lanes and fold order. Spares the forward's statistics pass of
-// a half-precision input its conversion into an fp32 buffer.
+// One bf16 (its bits) or fp16 element as fp32.
 inline float elem_f32(uint16_t bf16_bits) {
   const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
   float f;
@@ -269,6 +271,9 @@ inline float elem_f32(uint16_t bf16_bits) {
   return f;
 }
 inline float elem_f32(c10::Half h) { return static_cast<float>(h); }
+// block_moments (below) for a bf16 (uint16_t bits) or fp16 block read in place, converted in
+// registers: the same 64 lanes, tail lanes and fold order. Spares the forward's statistics pass of
+// a half-precision input its conversion into an fp32 buffer.
 template <class T>
 SCM_AVX512_FN Moments block_moments_avx512(const T* __restrict x, int64_t n) {
   const float pivot = elem_f32(x[0]);
