@@ -29,13 +29,13 @@
 // per position (5x slower forward at Cg = 8).
 // Inner loops run on fp32 blocks (fp32 operands in place, others converted by common.h), have no
 // calls and no data-dependent branches (scm::sigmoid from a polynomial exp), and come in AVX-512 (with
-// FMA) and x86-64-v3 (AVX2 with FMA) clones. On AVX-512 CPUs (run-time check) the SiLU-bound loops and the JVP and dx
-// loops run explicit AVX-512 kernels instead (*_avx512 below: the forward's SiLU, the JVP's sums and
-// y_dot, the backward's sums (channels-first) and dx), and those read and write a contiguous bf16/fp16 block in place,
-// converting in registers, with the same bits as fp32 inputs of the same values (the fp32 block
-// buffers remain for gathered channels-last blocks and float64). On other CPUs only the portable
-// loops run; tests/kernels/test_avx512_emulated.py tests the AVX-512 kernels there, built on a
-// software model of the intrinsics (SCM_AVX512_EMULATE).
+// FMA) and x86-64-v3 (AVX2 with FMA) clones. On AVX-512 CPUs (run-time check) the SiLU-bound loops
+// and the JVP and dx loops run explicit AVX-512 kernels instead (*_avx512 below: the forward's SiLU,
+// the JVP's sums and y_dot, the backward's sums (channels-first) and dx), and those read and write a
+// contiguous bf16/fp16 block in place, converting in registers, with the same bits as fp32 inputs of
+// the same values (the fp32 block buffers remain for gathered channels-last blocks and float64). On
+// other CPUs only the portable loops run; tests/kernels/test_avx512_emulated.py tests the AVX-512
+// kernels there, built on a software model of the intrinsics (SCM_AVX512_EMULATE).
 //
 // Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
 // of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
