@@ -8,7 +8,8 @@ subprocess: references, JVP against torch.func.jvp and finite differences, gradc
 precision in-register paths against fp32, determinism. Skipped where the CPU has AVX-512 (the same
 tests run those kernels natively) and where SIMDe's headers are missing (Debian: libsimde-dev; CI
 installs it). The build (about 2 min on 2 cores) is cached under ~/.cache/scm_kernels/avx512_emulated
-(or $SCM_AVX512_EMULATED_CACHE), keyed by the sources.
+(or $SCM_AVX512_EMULATED_CACHE), keyed by setup.py and csrc/; Python files and tests are copied
+afresh on every run.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-COPIED = ("setup.py", "pyproject.toml", "csrc", "scm_kernels", "scm", "tests")
+BUILT = ("setup.py", "csrc")  # what the extension is built from: the key of the cached build
+COPIED = BUILT + ("pyproject.toml", "scm_kernels", "scm", "tests")  # refreshed on every run
 SIMDE = Path("/usr/include/simde/x86/avx512.h")
 
 
 def _cpu_has_avx512() -> bool:
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags"))
     except (OSError, StopIteration):
         return False
     return {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags.split())
@@ -44,8 +47,8 @@ def _has_ext() -> bool:
     return True
 
 
-def _files():
-    for name in COPIED:
+def _files(names):
+    for name in names:
         p = ROOT / name
         for f in sorted([p] if p.is_file() else p.rglob("*")):
             if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".so", ".pyc"):
@@ -53,30 +56,37 @@ def _files():
 
 
 def _build() -> Path:
-    """A copy of the sources with the emulated extension built in place (cached by content)."""
+    """A copy of the sources with the emulated extension built in place: built once per content of
+    setup.py and csrc/, the Python files and tests copied afresh on every run."""
     h = hashlib.sha256()
-    for f in _files():
+    for f in _files(BUILT):
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
-    cache = Path(os.environ.get("SCM_AVX512_EMULATED_CACHE") or Path.home() / ".cache" / "scm_kernels" / "avx512_emulated")
+    default = Path.home() / ".cache" / "scm_kernels" / "avx512_emulated"
+    cache = Path(os.environ.get("SCM_AVX512_EMULATED_CACHE") or default)
     dest = cache / h.hexdigest()[:16]
-    if list((dest / "scm_kernels").glob("_C*.so")):
-        return dest
-    shutil.rmtree(cache, ignore_errors=True)  # older copies
-    for f in _files():
+    built = bool(list((dest / "scm_kernels").glob("_C*.so")))
+    if not built:
+        shutil.rmtree(cache, ignore_errors=True)  # older builds
+    for name in ("scm_kernels", "scm", "tests"):  # no stale module or test survives a refresh
+        for f in (dest / name).rglob("*.py") if (dest / name).exists() else ():
+            f.unlink()
+    for f in _files(COPIED):
         out = dest / f.relative_to(ROOT)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, out)
-    env = {**os.environ, "SCM_AVX512_EMULATE": "1", "SCM_KERNELS_NO_CUDA": "1"}
-    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, f"emulated build failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    if not built:
+        env = {**os.environ, "SCM_AVX512_EMULATE": "1", "SCM_KERNELS_NO_CUDA": "1"}
+        r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
+                           capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, f"emulated build failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return dest
 
 
 @pytest.mark.cpu
 @pytest.mark.slow
-@pytest.mark.skipif(_cpu_has_avx512(), reason="the CPU has AVX-512: test_group_norm.py runs these kernels natively")
+@pytest.mark.skipif(_cpu_has_avx512(),
+                    reason="the CPU has AVX-512: test_group_norm.py runs these kernels natively")
 @pytest.mark.skipif(not SIMDE.exists(), reason=f"SIMDe's headers are missing ({SIMDE}; Debian: libsimde-dev)")
 @pytest.mark.skipif(not _has_ext(), reason="scm_kernels._C not built")
 def test_group_norm_cpu_tests_on_emulated_avx512(tmp_path):
@@ -91,7 +101,8 @@ def test_group_norm_cpu_tests_on_emulated_avx512(tmp_path):
             f"x = torch.load(r'{tmp_path / 'x.pt'}'); "
             "y = torch.ops.scm.group_norm(x, None, None, None, None, 8, 1e-5, True)[0]; "
             f"torch.save((scm_kernels._C.__file__, y), r'{tmp_path / 'y.pt'}')")
-    r = subprocess.run([sys.executable, "-c", code], cwd=dest, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], cwd=dest, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     so, y = torch.load(tmp_path / "y.pt")
     assert Path(so).resolve().is_relative_to(dest.resolve())
@@ -100,8 +111,9 @@ def test_group_norm_cpu_tests_on_emulated_avx512(tmp_path):
     torch.testing.assert_close(y, native, rtol=2e-6, atol=2e-6)
 
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cpu",
-                        "tests/kernels/test_group_norm.py"], cwd=dest, env=env, capture_output=True, text=True,
-                       timeout=1800)
+                        "tests/kernels/test_group_norm.py"], cwd=dest, env=env, capture_output=True,
+                       text=True, timeout=1800)
     tail = r.stdout[-6000:]
-    assert r.returncode == 0, f"test_group_norm.py on the emulated AVX-512 build failed:\n{tail}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (f"test_group_norm.py on the emulated AVX-512 build failed:\n{tail}\n"
+                               f"{r.stderr[-3000:]}")
     assert " passed" in tail and " failed" not in tail
