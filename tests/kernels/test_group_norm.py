@@ -610,6 +610,30 @@ def test_deterministic(kernel_backend, split_groups):
 
 @pytest.mark.cpu
 @pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 0.0), (torch.float32, 100.0), (torch.float16, 0.0),
+                                          (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("N,C,G,spatial", [(2, 6, 2, (61, 97)), (3, 64, 8, (4, 4)), (2, 16, 4, (7,))])
+def test_cpu_statistics_blocks_across_channels(dtype, offset, N, C, G, spatial):
+    """The CPU statistics passes (forward moments, the JVP's sums) take a channels-first group's
+    contiguous run in blocks of up to 8192 elements across channel boundaries: 3 channels of 5917
+    positions = 17751 elements per group (two full blocks and a tail, merged), groups of 8 channels of
+    16 positions and of 4 channels of 7 (one block each, tails inside; their output passes of the
+    forward and of dx also take the group as one block with per-element coefficients). y, the
+    gradients and the JVP against the float64 oracle (2x rule), mean and rstd against float64
+    statistics of the same values."""
+    kw = make_case(N, C, G, spatial, dtype=dtype, pdtype=torch.float32, offset=offset, seed=C + len(spatial))
+    check_against_reference("cpu", torch.device("cpu"), kw, what=f"cpu {N},{C},{G},{spatial},{dtype},{offset}")
+    x = kw["x"]
+    _, mean, rstd = torch.ops.scm.group_norm(x.reshape(N, C, -1), None, None, None, None, G, 1e-5, False)
+    xg = x.double().reshape(N, G, -1)
+    mu64, var64 = xg.mean(-1), xg.var(-1, unbiased=False)
+    # fp32 statistics: the mean within a few ulp of its magnitude plus sigma (block sums), rstd relative
+    torch.testing.assert_close(mean.double(), mu64, rtol=4e-7, atol=float(var64.sqrt().max()) * 1e-6)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var64 + 1e-5), rtol=1e-5, atol=0)
+
+
+@pytest.mark.cpu
+@pytest.mark.skipif(not _has_ext, reason="scm_kernels._C not built")
 @pytest.mark.parametrize("shape,layout", [((2, 8, 2, (16, 16)), "contig"), ((1, 4, 1, (96, 96)), "contig"),
                                           ((3, 24, 8, (29, 31)), "channels_last")])
 def test_cpu_independent_of_thread_count(shape, layout):
