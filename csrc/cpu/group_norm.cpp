@@ -1630,7 +1630,7 @@ at::Tensor group_norm_jvp_cpu(const at::Tensor& x, const std::optional<at::Tenso
   if (g.nsplit > 1) {
     part.resize(g.tasks());
     at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
-      Scratch sc(2 * g.cap);
+      Scratch sc(0);  // jvp_sums converts into sc.stats() only
       for (int64_t i = begin; i < end; ++i) part[i] = jvp_sums(g, xo, xdo, task_of(g, i), mp[i / g.nsplit], sc);
     });
   }
