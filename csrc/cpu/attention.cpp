@@ -257,8 +257,9 @@ constexpr int kLanes = 32;
 // x = n ln2 + r, the Cephes polynomial on |r| <= ln2/2 (about 1 ulp), scaled by 2^n through the
 // exponent bits. x < -87 (masked logits: -inf) gives exactly 0, and the clamp keeps every lane in
 // the normal range (a denormal result costs a microcode assist per vector); x is clamped at 88
-// (the kernels take e^x for x <= 0 up to rounding). Not scm::exp_poly (norm.h), which evaluates
-// 2^f on the reduced argument of x log2(e) instead: a different reduction and coefficients.
+// (the kernels take e^x for x <= 0 up to rounding). Not norm.h's sigmoid exponential, which
+// evaluates -log2(e) 2^f on the reduced argument of -x log2(e) instead: a different reduction and
+// coefficients.
 SCM_ATTN_INLINE float exp_k(float x) {
   constexpr float lo = -87.f, hi = 88.f;
   float xc = x < lo ? lo : x;

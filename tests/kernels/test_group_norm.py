@@ -365,6 +365,42 @@ def test_silu_at_extreme_arguments(kernel_backend, layout, groups):
     assert bool((err <= 4 * 2.0**-23 * want[fin].abs() + 1e-30).all()), (got[0, :, 0], want[0, :, 0])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_silu_grad_at_extreme_arguments(kernel_backend, layout):
+    """SiLU'(a) over the whole float range, through the JVP (tangent of shift only: y_dot = SiLU'(a)
+    shift_dot) and the backward (dshift = sum over positions of dy SiLU'(a)): every kernel's sigmoid,
+    saturated by its clamped exponent, agrees with float64 autograd of torch's silu at finite a (within
+    a few ulp, or 1e-30) and is NaN at NaN and at +-inf (as torch: inf * 0)."""
+    name, device = kernel_backend
+    C = len(SILU_EXTREMES)
+    a = torch.tensor(SILU_EXTREMES, dtype=torch.float64)
+    x = torch.randn(2, C, 37, generator=torch.Generator().manual_seed(4))
+    if layout == "channels_last":
+        x = x[..., None].contiguous(memory_format=torch.channels_last)
+    x = x.to(device)
+    w, s = torch.zeros(C, device=device), torch.ones(2, C, device=device)
+    shift = a.float().expand(2, C).contiguous().to(device)
+
+    def f(sh):
+        return group_norm(x, C, w, scale=s, shift=sh, activation="silu", backend=name)
+
+    a64 = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(F.silu(a64), a64, torch.ones_like(a64))  # SiLU'(a), float64
+    _, yd = torch.func.jvp(f, (shift,), (torch.ones_like(shift),))
+    sh = shift.clone().requires_grad_(True)
+    (dsh,) = torch.autograd.grad(f(sh), sh, torch.ones_like(x))
+    got = {"jvp": yd.cpu().double().reshape(2, C, -1), "dshift": dsh.cpu().double()[..., None] / 37.0}
+    for what, g in got.items():
+        w_ = want[None, :, None].expand_as(g)
+        nan = torch.isnan(w_) | torch.isinf(a)[None, :, None].expand_as(g)
+        assert torch.equal(torch.isnan(g), nan), (what, g[0, :, 0], w_[0, :, 0])
+        fin = ~nan
+        err = (g[fin] - w_[fin]).abs()
+        # dshift sums 37 equal terms in fp32: a few more ulp of rounding
+        ulps = 4 if what == "jvp" else 8
+        assert bool((err <= ulps * 2.0**-23 * w_[fin].abs() + 1e-30).all()), (what, g[0, :, 0], w_[0, :, 0])
+
+
 def test_large_offset(kernel_backend):
     """x * 0.01 + 1e4 in fp32: at least as accurate as PyTorch's own fp32 group_norm (within 2x);
     the one-pass variance E[x^2] - E[x]^2 gives garbage on the same data."""
