@@ -36,9 +36,11 @@
 // the JVP's sums and y_dot, the backward's sums (channels-first) and dx), and those read and write a
 // contiguous bf16/fp16 block in place, converting in registers, with the same bits as fp32 inputs of
 // the same values (the fp32 block buffers remain for gathered channels-last blocks and float64). On
-// other x86-64 CPUs with AVX2 and FMA the forward's SiLU runs an explicit AVX2 kernel
-// (silu_fwd_avx2, fp32 blocks) and the rest the portable loops; tests/kernels/test_avx512_emulated.py
-// tests the AVX-512 kernels there, built on a software model of the intrinsics (SCM_AVX512_EMULATE).
+// other x86-64 CPUs with AVX2, FMA and F16C the forward's SiLU runs an explicit AVX2 kernel
+// (silu_fwd_avx2), which with the forward's statistics (block_moments_avx2) also reads and writes
+// contiguous bf16/fp16 blocks in place; the rest runs the portable loops. There,
+// tests/kernels/test_avx512_emulated.py tests the AVX-512 kernels, built on a software model of the
+// intrinsics (SCM_AVX512_EMULATE).
 //
 // Pixel norm (A11): a is an (O, C, I) view reduced over C, with either I == 1 and contiguous rows
 // of C (stride(1) == 1), or stride(2) == 1 (I contiguous positions per channel):
@@ -492,103 +494,6 @@ inline bool have_avx512() {
 }
 #endif
 
-// The forward's SiLU in explicit AVX2 with FMA (x86-64-v3 CPUs without AVX-512), in norm.h's base-2
-// form (scm::neg_log2e_one_plus_exp2, whose constants it shares): t = -a log2(e) from the affine step
-// (as the AVX-512 kernel), y = t / d, d = P(f) 2^(k+1) + c; k = vroundps(clamped t), which rounds ties
-// to even as the magic add does, so that k and the exponent bits of u agree. The portable loop with
-// the previous scm::sigmoid (degree-6 e^-a and two selects) took 11.7 cycles per 8 elements on a
-// Zen 3; this one takes 13 FP ops, one shift and one division (which costs ~1.5 cycles of the FP
-// pipes' throughput on a Zen 3; rcp + Newton costs as much). The loop is a three-stage software
-// pipeline (affine/clamp/round of vector v + 2, polynomial of v + 1, division and store of v in one
-// iteration): in plain order each vector's ~50-cycle dependency chain filled the FP scheduler and
-// the loop ran at 8.0 cycles per vector; pipelined 6.8, against a throughput bound of ~7 for the op
-// mix (Zen 3, L1-resident 8192-element block, standalone loop, min of 9 runs).
-#if !defined(SCM_AVX512_EMULATE) && defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define SCM_GN_AVX2 1
-#define SCM_AVX2_FN __attribute__((target("avx2,fma")))
-#define SCM_AVX2_INLINE SCM_AVX2_FN inline __attribute__((always_inline))
-struct SiluT8 {
-  __m256 t, f, u;  // t; f = tt - round(tt); u = tt + kExp2BiasMagic
-};
-// Stage 1: t = -a log2(e) of 8 elements, a = (x - m) A + B (kVec: A, B unscaled per element, t = a c;
-// else A, B scaled by c once), then clamp and split.
-template <bool kVec>
-SCM_AVX2_INLINE SiluT8 silu_stage1(__m256 x, __m256 m, __m256 A, __m256 B) {
-  __m256 t = _mm256_fmadd_ps(_mm256_sub_ps(x, m), A, B);
-  if constexpr (kVec) t = _mm256_mul_ps(t, _mm256_set1_ps(kNegLog2e32));
-  const __m256 tt = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-128.f)), _mm256_set1_ps(127.f));
-  const __m256 k = _mm256_round_ps(tt, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return {t, _mm256_sub_ps(tt, k), _mm256_add_ps(tt, _mm256_set1_ps(kExp2BiasMagic))};
-}
-// Stage 2: P(f).
-SCM_AVX2_INLINE __m256 silu_stage2(__m256 f) {
-  const float* P = kHalfNegLog2eExp2P;
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(P[5]), f, _mm256_set1_ps(P[4]));
-  for (int j = 3; j >= 0; --j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(P[j]));
-  return p;
-}
-// Stage 3: y = t / fma(P(f), 2^(k+1), c).
-SCM_AVX2_INLINE __m256 silu_stage3(const SiluT8& s, __m256 p) {
-  const __m256 two_k1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(s.u), 23));
-  return _mm256_div_ps(s.t, _mm256_fmadd_ps(p, two_k1, _mm256_set1_ps(kNegLog2e32)));
-}
-// Mask of the first min(rem, 8) lanes (rem >= 1) for vmaskmovps.
-SCM_AVX2_INLINE __m256i lanes8(int64_t rem) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(rem, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Stage 1 of the 8 elements at i.
-template <bool kVec, bool kVecMu>
-SCM_AVX2_INLINE SiluT8 silu_load8(const float* x, const float* muv, const float* Av, const float* Bv, int64_t i,
-                                  __m256 mu0, __m256 a0, __m256 b0) {
-  return silu_stage1<kVec>(_mm256_loadu_ps(x + i), kVecMu ? _mm256_loadu_ps(muv + i) : mu0,
-                           kVec ? _mm256_loadu_ps(Av + i) : a0, kVec ? _mm256_loadu_ps(Bv + i) : b0);
-}
-
-// out[i] = silu((x[i] - mu) A + B) of fp32 x, as silu_fwd_avx512 (kVec: per-element Av, Bv; kVecMu:
-// per-element muv); the tail through masked loads and stores.
-template <bool kVec, bool kVecMu>
-SCM_AVX2_FN void silu_fwd_avx2(const float* __restrict x, int64_t n, float mu, const float* __restrict muv,
-                               const float* __restrict Av, const float* __restrict Bv, float A0, float B0,
-                               float* __restrict out) {
-  const __m256 mu0 = _mm256_set1_ps(mu);
-  const __m256 a0 = _mm256_set1_ps(A0 * kNegLog2e32), b0 = _mm256_set1_ps(B0 * kNegLog2e32);
-  const int64_t nv = n / 8;
-  if (nv >= 2) {
-    // vector v - 2 in s0/p0 (after stage 2), v - 1 in s1 (after stage 1)
-    SiluT8 s0 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 0, mu0, a0, b0);
-    __m256 p0 = silu_stage2(s0.f);
-    SiluT8 s1 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 8, mu0, a0, b0);
-    for (int64_t v = 2; v < nv; ++v) {
-      const SiluT8 s2 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 8 * v, mu0, a0, b0);
-      const __m256 p1 = silu_stage2(s1.f);
-      _mm256_storeu_ps(out + 8 * (v - 2), silu_stage3(s0, p0));
-      s0 = s1;
-      p0 = p1;
-      s1 = s2;
-    }
-    _mm256_storeu_ps(out + 8 * (nv - 2), silu_stage3(s0, p0));
-    _mm256_storeu_ps(out + 8 * (nv - 1), silu_stage3(s1, silu_stage2(s1.f)));
-  } else if (nv == 1) {
-    const SiluT8 s = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 0, mu0, a0, b0);
-    _mm256_storeu_ps(out, silu_stage3(s, silu_stage2(s.f)));
-  }
-  const int64_t i = 8 * nv;
-  if (i < n) {
-    const __m256i m = lanes8(n - i);
-    const SiluT8 s = silu_stage1<kVec>(_mm256_maskload_ps(x + i, m), kVecMu ? _mm256_maskload_ps(muv + i, m) : mu0,
-                                       kVec ? _mm256_maskload_ps(Av + i, m) : a0,
-                                       kVec ? _mm256_maskload_ps(Bv + i, m) : b0);
-    _mm256_maskstore_ps(out + i, m, silu_stage3(s, silu_stage2(s.f)));
-  }
-}
-
-inline bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#endif
 
 // One sweep of block_moments over the block's 64 lanes (lane 8 j + l in a[j]): kSq false:
 // sum (x - c), true: sum (x - c)^2; the tail vector is padded with c (adds +0). The accumulators are
@@ -635,6 +540,163 @@ inline __attribute__((always_inline)) float moments_sweep(const float* __restric
   }
   return fold8x8(a);
 }
+
+// The forward's SiLU in explicit AVX2 with FMA (x86-64-v3 CPUs without AVX-512), in norm.h's base-2
+// form (scm::neg_log2e_one_plus_exp2, whose constants it shares): t = -a log2(e) from the affine step
+// (as the AVX-512 kernel), y = t / d, d = P(f) 2^(k+1) + c; k = vroundps(clamped t), which rounds ties
+// to even as the magic add does, so that k and the exponent bits of u agree. The portable loop with
+// the previous scm::sigmoid (degree-6 e^-a and two selects) took 11.7 cycles per 8 elements on a
+// Zen 3; this one takes 13 FP ops, one shift and one division (which costs ~1.5 cycles of the FP
+// pipes' throughput on a Zen 3; rcp + Newton costs as much). The loop is a three-stage software
+// pipeline (affine/clamp/round of vector v + 2, polynomial of v + 1, division and store of v in one
+// iteration): in plain order each vector's ~50-cycle dependency chain filled the FP scheduler and
+// the loop ran at 8.0 cycles per vector; pipelined 6.8, against a throughput bound of ~7 for the op
+// mix (Zen 3, L1-resident 8192-element block, standalone loop, min of 9 runs).
+#if !defined(SCM_AVX512_EMULATE) && defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define SCM_GN_AVX2 1
+#define SCM_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define SCM_AVX2_INLINE SCM_AVX2_FN inline __attribute__((always_inline))
+struct SiluT8 {
+  __m256 t, f, u;  // t; f = tt - round(tt); u = tt + kExp2BiasMagic
+};
+// Stage 1: t = -a log2(e) of 8 elements, a = (x - m) A + B (kVec: A, B unscaled per element, t = a c;
+// else A, B scaled by c once), then clamp and split.
+template <bool kVec>
+SCM_AVX2_INLINE SiluT8 silu_stage1(__m256 x, __m256 m, __m256 A, __m256 B) {
+  __m256 t = _mm256_fmadd_ps(_mm256_sub_ps(x, m), A, B);
+  if constexpr (kVec) t = _mm256_mul_ps(t, _mm256_set1_ps(kNegLog2e32));
+  const __m256 tt = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-128.f)), _mm256_set1_ps(127.f));
+  const __m256 k = _mm256_round_ps(tt, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return {t, _mm256_sub_ps(tt, k), _mm256_add_ps(tt, _mm256_set1_ps(kExp2BiasMagic))};
+}
+// Stage 2: P(f).
+SCM_AVX2_INLINE __m256 silu_stage2(__m256 f) {
+  const float* P = kHalfNegLog2eExp2P;
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(P[5]), f, _mm256_set1_ps(P[4]));
+  for (int j = 3; j >= 0; --j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(P[j]));
+  return p;
+}
+// Stage 3: y = t / fma(P(f), 2^(k+1), c).
+SCM_AVX2_INLINE __m256 silu_stage3(const SiluT8& s, __m256 p) {
+  const __m256 two_k1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(s.u), 23));
+  return _mm256_div_ps(s.t, _mm256_fmadd_ps(p, two_k1, _mm256_set1_ps(kNegLog2e32)));
+}
+// 8 elements of x as fp32, and fp32 results stored in out's dtype, as load16/store16 (fp32; bf16 bits:
+// widening is a shift, narrowing rounds to nearest even with NaN -> 0x7FC0, bit for bit as c10::BFloat16;
+// fp16 by F16C, round to nearest even). The _tail forms move the first k < 8 elements through a stack
+// copy (AVX2 has no 16-bit masked loads); the lanes past k read as 0.
+SCM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SCM_AVX2_INLINE __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+SCM_AVX2_INLINE __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+SCM_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+SCM_AVX2_INLINE void store8(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // every lane <= 0xFFFF: the unsigned saturating pack is exact
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+SCM_AVX2_INLINE void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <class T>
+SCM_AVX2_INLINE __m256 load8_tail(const T* p, int64_t k) {
+  T buf[8] = {};
+  std::memcpy(buf, p, static_cast<size_t>(k) * sizeof(T));
+  return load8(buf);
+}
+template <class T>
+SCM_AVX2_INLINE void store8_tail(T* p, int64_t k, __m256 v) {
+  T buf[8];
+  store8(buf, v);
+  std::memcpy(p, buf, static_cast<size_t>(k) * sizeof(T));
+}
+
+// Stage 1 of the 8 elements at i.
+template <bool kVec, bool kVecMu, class T>
+SCM_AVX2_INLINE SiluT8 silu_load8(const T* x, const float* muv, const float* Av, const float* Bv, int64_t i,
+                                  __m256 mu0, __m256 a0, __m256 b0) {
+  return silu_stage1<kVec>(load8(x + i), kVecMu ? _mm256_loadu_ps(muv + i) : mu0,
+                           kVec ? _mm256_loadu_ps(Av + i) : a0, kVec ? _mm256_loadu_ps(Bv + i) : b0);
+}
+
+// out[i] = silu((x[i] - mu) A + B), as silu_fwd_avx512 (kVec: per-element Av, Bv; kVecMu: per-element
+// muv); x and out fp32, bf16 (uint16_t bits) or fp16, converted in registers.
+template <bool kVec, bool kVecMu, class T>
+SCM_AVX2_FN void silu_fwd_avx2(const T* __restrict x, int64_t n, float mu, const float* __restrict muv,
+                               const float* __restrict Av, const float* __restrict Bv, float A0, float B0,
+                               T* __restrict out) {
+  const __m256 mu0 = _mm256_set1_ps(mu);
+  const __m256 a0 = _mm256_set1_ps(A0 * kNegLog2e32), b0 = _mm256_set1_ps(B0 * kNegLog2e32);
+  const int64_t nv = n / 8;
+  if (nv >= 2) {
+    // vector v - 2 in s0/p0 (after stage 2), v - 1 in s1 (after stage 1)
+    SiluT8 s0 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 0, mu0, a0, b0);
+    __m256 p0 = silu_stage2(s0.f);
+    SiluT8 s1 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 8, mu0, a0, b0);
+    for (int64_t v = 2; v < nv; ++v) {
+      const SiluT8 s2 = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 8 * v, mu0, a0, b0);
+      const __m256 p1 = silu_stage2(s1.f);
+      store8(out + 8 * (v - 2), silu_stage3(s0, p0));
+      s0 = s1;
+      p0 = p1;
+      s1 = s2;
+    }
+    store8(out + 8 * (nv - 2), silu_stage3(s0, p0));
+    store8(out + 8 * (nv - 1), silu_stage3(s1, silu_stage2(s1.f)));
+  } else if (nv == 1) {
+    const SiluT8 s = silu_load8<kVec, kVecMu>(x, muv, Av, Bv, 0, mu0, a0, b0);
+    store8(out, silu_stage3(s, silu_stage2(s.f)));
+  }
+  const int64_t i = 8 * nv, k = n - i;
+  if (k > 0) {
+    const SiluT8 s = silu_stage1<kVec>(load8_tail(x + i, k), kVecMu ? load8_tail(muv + i, k) : mu0,
+                                       kVec ? load8_tail(Av + i, k) : a0, kVec ? load8_tail(Bv + i, k) : b0);
+    store8_tail(out + i, k, silu_stage3(s, silu_stage2(s.f)));
+  }
+}
+
+// block_moments of a bf16 or fp16 block read in place (converted in registers): moments_sweep's 64
+// lanes in 8 vectors, tail lanes padded with the pivot or mean, fold8x8's order.
+template <bool kSq, class T>
+SCM_AVX2_INLINE float moments_sweep8(const T* __restrict x, int64_t n, float c) {
+  const __m256 cv = _mm256_set1_ps(c);
+  F8 a[8] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < 8; ++j) {
+      const F8 d = (F8)_mm256_sub_ps(load8(x + i + 8 * j), cv);
+      a[j] += kSq ? d * d : d;
+    }
+  for (int j = 0; j < 8 && i + 8 * j < n; ++j) {
+    const int64_t k = std::min<int64_t>(8, n - i - 8 * j);
+    const __m256 lanes = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    const F8 d = (F8)_mm256_sub_ps(_mm256_blendv_ps(cv, load8_tail(x + i + 8 * j, k), lanes), cv);
+    a[j] += kSq ? d * d : d;
+  }
+  return fold8x8(a);
+}
+template <class T>
+SCM_AVX2_FN Moments block_moments_avx2(const T* __restrict x, int64_t n) {
+  const float pivot = elem_f32(x[0]);
+  const float mean = pivot + moments_sweep8<false>(x, n, pivot) / static_cast<float>(n);
+  return {static_cast<float>(n), mean, moments_sweep8<true>(x, n, mean)};
+}
+
+inline bool have_avx2() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
 
 // Moments of one block: its mean (summed relative to the pivot x[0], so that a large common offset
 // costs no precision), then sum (x - mean)^2.
@@ -1109,6 +1171,13 @@ void store(const Geo& g, const Ncs& o, int64_t n, const Blk& b, const float* val
 inline bool half_in_place(const Geo& g, at::ScalarType dt) {
   return contiguous_block(g) && (dt == at::kBFloat16 || dt == at::kHalf) && have_avx512();
 }
+#ifdef SCM_GN_AVX2
+// On AVX2 CPUs without AVX-512: the forward's statistics and SiLU passes read and write such blocks
+// in place too (block_moments_avx2, silu_fwd_avx2); the other passes convert.
+inline bool half_in_place_avx2(const Geo& g, at::ScalarType dt) {
+  return contiguous_block(g) && (dt == at::kBFloat16 || dt == at::kHalf) && !have_avx512() && have_avx2();
+}
+#endif
 // f(p) with p a null pointer of the element type of a half dtype: uint16_t (bf16 bits) or c10::Half.
 template <class F>
 void with_half(at::ScalarType dt, F&& f) {
@@ -1307,6 +1376,16 @@ Moments range_moments(const Geo& g, const Ncs& x, const Task& t, float* buf) {
     return m;
   }
 #endif
+#ifdef SCM_GN_AVX2
+  if (half_in_place_avx2(g, x.dt)) {
+    with_half(x.dt, [&](auto* tag) {
+      using T = SCM_ELEM_T(tag);
+      for_stat_blocks(g, t.grp, t.s_lo, t.s_hi, kStatBlock,
+                      [&](const Blk& b) { m = merge(m, block_moments_avx2(in_blk<T>(g, &x, t.n, b), b.len)); });
+    });
+    return m;
+  }
+#endif
   for_stat_blocks(g, t.grp, t.s_lo, t.s_hi, kStatBlock,
                   [&](const Blk& b) { m = merge(m, block_moments(load(g, x, t.n, b, buf), b.len)); });
   return m;
@@ -1339,6 +1418,17 @@ void fwd_apply(const Geo& g, const Ncs& x, const Ncs& y, const Affine& af, const
         T* yh = out_blk<T>(g, y, t.n, b);
         if (vec) return silu_fwd_avx512<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh);
         silu_fwd_avx512<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, af.A(t.n, b.c) * r, af.B(t.n, b.c), yh);
+      });
+    }
+#endif
+#ifdef SCM_GN_AVX2
+    if (silu && half_in_place_avx2(g, x.dt)) {
+      return with_half(x.dt, [&](auto* tag) {
+        using T = SCM_ELEM_T(tag);
+        const T* xh = in_blk<T>(g, &x, t.n, b);
+        T* yh = out_blk<T>(g, y, t.n, b);
+        if (vec) return silu_fwd_avx2<true, false>(xh, b.len, mu, nullptr, Av, Bv, 0.f, 0.f, yh);
+        silu_fwd_avx2<false, false>(xh, b.len, mu, nullptr, nullptr, nullptr, af.A(t.n, b.c) * r, af.B(t.n, b.c), yh);
       });
     }
 #endif
