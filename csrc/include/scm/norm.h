@@ -64,12 +64,13 @@ SCM_NORM_HD float group_rstd(const Moments& m, float M, float eps) { return rsqr
 // (relative-error fit with c folded in, coefficients rounded to fp32: max relative error 1.5e-7 in
 // fp32 Horner); 2^(k+1) = the sum's bits shifted left by 23, which is 0 at k = -128 and +inf at
 // k = 127. So sigmoid is 1 at t = -inf (a = +inf) and +0 at t = +inf (d = -inf), with no selects
-// and no denormal operands (the smallest nonzero 2^(k+1) is 2^-126). The clamp is one maxps and one
-// minps (see exp2_clamp), which return the bound for t = NaN: sigmoid(NaN) = 1, and every caller's result stays NaN
-// through its other factor a (SiLU = a sigmoid, SiLU' = sigmoid (1 + a (1 - sigmoid))). Rounding t = a c
-// adds |t| 2^-24 ln 2 relative error to 2^t (3e-7 at |a| = 10), as any exp of a rounded argument.
-// 14 vector ops per sigmoid where the previous form (e^-a by a degree-6 polynomial, saturated by
-// two compare-and-selects) took 20. Branch-free and call-free: CPU loops over it vectorize.
+// and no denormal operands (the smallest nonzero 2^(k+1) is 2^-126). The clamp is one maxps and
+// one minps (see exp2_clamp), which return the bound for t = NaN: sigmoid(NaN) = 1, and every
+// caller's result stays NaN through its other factor a (SiLU = a sigmoid, SiLU' = sigmoid (1 + a
+// (1 - sigmoid))). Rounding t = a c adds |t| 2^-24 ln 2 relative error to 2^t (3e-7 at |a| = 10),
+// as any exp of a rounded argument. 14 vector ops per sigmoid where the previous form (e^-a by a
+// degree-6 polynomial, saturated by two compare-and-selects) took 20. Branch-free and call-free:
+// CPU loops over it vectorize.
 constexpr float kNegLog2e32 = -0x1.715476p+0f;  // c
 constexpr float kExp2BiasMagic = 12583040.f;     // 1.5 * 2^23 + 128
 // P(f) = c 2^f / 2 on [-1/2, 1/2], constant term first.
@@ -81,7 +82,8 @@ constexpr float kHalfNegLog2eExp2P[6] = {-0x1.715478p-1f, -0x1.fffff6p-2f, -0x1.
 // into each arm of the clamp (op(cond ? t : K) -> cond ? op(t) : op(K)), so that the vectorized loop
 // computed every result three ways and selected among them (a loop of dy SiLU'(a), x86-64-v3: 12
 // compares and blends per vector instead of one maxps and one minps, 42 vector instructions instead
-// of 32; the fp32 8x256x32x32 backward on a Zen 3, 2 threads: 1.59 -> 1.14 ms, min of 5 alternated runs).
+// of 32; the fp32 8x256x32x32 backward on a Zen 3, 2 threads: 1.59 -> 1.14 ms, min of 5 alternated
+// runs).
 struct Exp2Clamp {
   float lo, hi;
 };
