@@ -699,7 +699,8 @@ def test_cpu_independent_of_thread_count(shape, layout):
 @pytest.mark.parametrize("silu", [True, False])
 def test_cpu_half_inputs_match_fp32_path(dtype, N, C, G, spatial, layout, silu):
     """CPU, fp16/bf16 operands: forward, JVP and backward read and write the half-precision tensors
-    in registers (AVX-512) or through fp32 buffers (elsewhere); either way the results equal those of
+    in registers (AVX-512; on AVX2 the forward's statistics and SiLU) or through fp32 buffers
+    (elsewhere); either way the results equal those of
     the same values in fp32, rounded once: mean, rstd and the backward's per-channel sums bit for bit,
     y, y_dot and dx after one rounding to the half dtype. Shapes with block tails, groups split over
     several tasks (the JVP's split sums, the backward's dx without cached da), one group of all
