@@ -355,8 +355,8 @@ def train(cfg: Config, out_dir, *, resume: bool = False, progress: bool = True) 
             # writes the weights after the last collective, so a rank could tear its group down
             # while a peer is still busy with it. The barrier rules that race out (one 2-rank gloo
             # FSDP test run in a full suite aborted at exit with "terminate called without an
-            # active exception"; 12 reruns did not reproduce it). Not after an error, which the
-            # other ranks may never reach.
+            # active exception"; 9 reruns of that test's three cases did not reproduce it). Not
+            # after an error, which the other ranks may never reach.
             if done:
                 dist.barrier()
             dist.destroy_process_group()
